@@ -1,0 +1,38 @@
+"""probe: frozen-backbone feature extraction into a content-addressed HDF5 cache, and linear probes on top.
+
+The public API is re-exported here and imported lazily, so ``import probe.cache`` or ``probe.heads`` (training a
+head on cached features) never pays for importing torch.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "extract": "probe.extract",
+    "Extractor": "probe.extract",
+    "FeatureSet": "probe.extract",
+    "FeatureCache": "probe.cache",
+    "FeatureSpace": "probe.cache",
+    "Preprocess": "probe.preprocess",
+    "load_backbone": "probe.backbones",
+    "backbone_names": "probe.backbones",
+    "resolve": "probe.sources",
+    "Record": "probe.sources",
+    "fit": "probe.fit",
+    "evaluate": "probe.fit",
+    "load": "probe.model",
+    "ProbeModel": "probe.model",
+    "predict": "probe.predict",
+    "FeatureExtractor": "probe.sklearn",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'probe' has no attribute {name!r}")

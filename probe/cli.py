@@ -1,0 +1,244 @@
+"""The ``probe`` command line: parsing and printing only; every command calls the Python API.
+
+Expected failures (ProbeError) become one-line messages and exit status 1, never tracebacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import ProbeError
+
+DEFAULT_CACHE = "cache"
+
+
+class ProbeGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ProbeError as e:
+            raise click.ClickException(str(e)) from e
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished segments are kept in the cache, rerun to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=ProbeGroup)
+@click.version_option(package_name="probe")
+@click.option("-v", "--verbose", count=True, help="-v for progress details, -vv for debug logging.")
+def cli(verbose):
+    """probe: frozen-backbone features, cached once, and linear probes on top."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# -- shared options ------------------------------------------------------------------------------------------
+
+
+def backbone_options(f):
+    from .backbones import DEFAULT_BACKBONE, POOLINGS
+
+    opts = [
+        click.option("--backbone", "-b", default=DEFAULT_BACKBONE, show_default=True,
+                     help="Registry name (see `probe backbones`)."),
+        click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                     help="Local weights file (state_dict); its sha256 enters the cache identity."),
+        click.option("--layer", default=None, help="Take this named submodule's output instead of the penultimate."),
+        click.option("--pooling", type=click.Choice(POOLINGS), default=None, help="Reduce a --layer output."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def engine_options(f):
+    opts = [
+        click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=DEFAULT_CACHE,
+                     show_default=True, help="Feature cache folder."),
+        click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+                     help="Storage dtype of cached features."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+        click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True,
+                     help="Mixed precision (auto: bf16/fp16 on CUDA, off on CPU)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Override the per-device (auto-tuned) batch size."),
+        click.option("--workers", type=click.IntRange(min=0), default=None,
+                     help="Decode/preprocess worker processes (default: 0 on small CPUs, more with a GPU)."),
+        click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+                     help="Refuse larger images (decompression-bomb guard)."),
+        click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def extractor_kwargs(o: dict) -> dict:
+    from .preprocess import DEFAULT_MAX_PIXELS
+
+    return dict(
+        weights=o.get("weights"),
+        layer=o.get("layer"),
+        pooling=o.get("pooling"),
+        dtype=o["dtype"],
+        device=o["device"],
+        amp=o["amp"],
+        batch_size=o["batch_size"],
+        workers=o["workers"],
+        max_pixels=o["max_pixels"] or DEFAULT_MAX_PIXELS,
+        progress=o["progress"],
+    )
+
+
+# -- commands ------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--all", "show_all", is_flag=True, help="Also list every torchvision architecture.")
+def backbones(show_all):
+    """List backbones with their output dim and weights status."""
+    from . import backbones as bb
+
+    for name in bb.backbone_names(include_tv=False):
+        _backbone_line(bb.get_spec(name))
+    tv = [n for n in bb.backbone_names() if n.startswith("tv:")]
+    shown = tv if show_all else [n for n in tv if n[3:] in ("resnet18", "resnet50", "vit_b_16", "convnext_tiny",
+                                                          "efficientnet_b0", "mobilenet_v3_large")]
+    for name in shown:
+        _backbone_line(bb.get_spec(name))
+    if not show_all:
+        click.echo(f"... and {len(tv) - len(shown)} more torchvision models (`probe backbones --all`)")
+
+
+def _backbone_line(spec) -> None:
+    click.echo(f"{spec.name:24s} {spec.dim():5d}-d  {spec.weights_status():34s} {spec.description}")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@backbone_options
+@engine_options
+@click.option("--strict", is_flag=True, help="Exit non-zero if any input failed (after extracting the rest).")
+@click.option("--segment-rows", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Rows per cache segment (a killed run loses at most one open segment).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Machine-readable JSON run report (default: <cache>/last-extract.json).")
+def extract(inputs, strict, segment_rows, report_path, **o):
+    """Extract features of INPUTS (folders, CSV/TSV files, image files) into the cache."""
+    from .extract import Extractor, write_run_report
+    from .sources import resolve
+
+    records = resolve(list(inputs))
+    ex = Extractor(o["backbone"], o["cache_dir"], segment_rows=segment_rows, **extractor_kwargs(o))
+    fs = ex.extract(records)
+    report = write_run_report(report_path or Path(o["cache_dir"]) / "last-extract.json", fs)
+    click.echo(f"space {fs.space.id} ({fs.space.backbone}, {fs.space.dim}-d) in {o['cache_dir']}")
+    click.echo(fs.stats.summary())
+    for f in fs.failures:
+        click.echo(f"  failed: {f.error}")
+    if fs.failures:
+        click.echo(f"failures listed in {report}")
+    if strict and fs.failures:
+        raise click.ClickException(f"--strict: {len(fs.failures)} inputs failed")
+
+
+@cli.group(cls=ProbeGroup)
+def cache():
+    """Inspect and maintain feature caches."""
+
+
+def _cache_option(f):
+    return click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=DEFAULT_CACHE,
+                        show_default=True, help="Feature cache folder.")(f)
+
+
+@cache.command("info")
+@_cache_option
+def cache_info(cache_dir):
+    """List feature spaces: backbone, rows, segments, size on disk."""
+    from .cache import FeatureCache
+
+    stores = FeatureCache(cache_dir).stores()
+    if not stores:
+        click.echo(f"{cache_dir}: no feature spaces")
+        return
+    click.echo(f"{'space':16s}  {'backbone':22s} {'layer':12s} {'dim':>5s} {'dtype':8s} {'rows':>8s} {'segs':>5s} {'MiB':>8s}")
+    for s in stores:
+        sp = s.space
+        click.echo(f"{sp.id:16s}  {sp.backbone:22s} {sp.layer:12s} {sp.dim:5d} {sp.dtype:8s} {len(s):8d} "
+                   f"{len(s.segment_files()):5d} {s.nbytes() / 2**20:8.1f}")
+        s.close()
+
+
+@cache.command("ls")
+@click.argument("space")
+@_cache_option
+@click.option("--limit", type=int, default=20, show_default=True)
+def cache_ls(space, cache_dir, limit):
+    """Show one feature space's description and its first keys."""
+    import json
+
+    from .cache import FeatureCache
+
+    fc = FeatureCache(cache_dir)
+    store = fc.open_path(fc.find(space))
+    click.echo(json.dumps(store.space.to_dict(), indent=2, sort_keys=True))
+    for k in store.keys()[:limit]:
+        click.echo(k)
+    store.close()
+
+
+@cache.command("verify")
+@_cache_option
+def cache_verify(cache_dir):
+    """Check every segment of every space; exit 1 on any problem."""
+    from .cache import FeatureCache
+
+    bad = 0
+    for s in FeatureCache(cache_dir).stores():
+        r = s.verify()
+        status = "ok" if r.ok else "FAILED"
+        click.echo(f"{r.space_id}: {status} ({r.files} segments, {r.unique_rows} rows)")
+        for p in r.problems:
+            click.echo(f"  problem: {p}")
+        for n in r.notes:
+            click.echo(f"  note: {n}")
+        bad += not r.ok
+        s.close()
+    if bad:
+        raise click.ClickException(f"{bad} feature spaces failed verification")
+
+
+@cache.command("compact")
+@_cache_option
+def cache_compact(cache_dir):
+    """Merge each space's segments into one and remove leftovers of interrupted runs."""
+    from .cache import FeatureCache
+
+    for s in FeatureCache(cache_dir).stores():
+        before, after = s.compact()
+        click.echo(f"{s.space.id}: {before} segments -> {after}")
+        s.close()
+
+
+@cache.command("rm")
+@click.argument("space")
+@_cache_option
+def cache_rm(space, cache_dir):
+    """Delete one feature space."""
+    from .cache import FeatureCache
+
+    FeatureCache(cache_dir).remove(space)
+    click.echo(f"removed {space}")
+
+
+def main():  # pragma: no cover - console entry point
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,481 @@
+"""The batched extraction engine.
+
+    records --hash (memo)--> keys --cache lookup--> misses
+    misses --DataLoader (decode + preprocess, optional workers)--> batches
+    batches --frozen backbone (inference_mode, channels_last, AMP + pinned non_blocking copies on CUDA)--> features
+    features --writer thread--> SegmentWriter (atomic segments) --> cache
+
+Only misses reach the model; a finished run rerun does no model work. Memory stays flat in the number of inputs:
+batches stream through, features are written in bounded segments, and :class:`FeatureSet` loads features only
+when asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .backbones import DEFAULT_BACKBONE, Backbone, load_backbone
+from .cache import FeatureCache, FeatureSpace, FeatureStore
+from .errors import ImageDecodeError, ProbeError, StrictModeError
+from .preprocess import DEFAULT_MAX_PIXELS, Preprocess, decode_image
+from .sources import MEMO_FILE, HashMemo, Record, hash_files, resolve
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_BATCH = 8
+DEFAULT_CUDA_BATCH = 128
+AUTOTUNE_MIN_INPUTS = 64
+TUNING_FILE = "tuning.json"
+
+
+@dataclass
+class Failure:
+    index: int  # position in the run's inputs
+    path: str
+    error: str
+
+
+@dataclass
+class ExtractStats:
+    inputs: int = 0
+    unique: int = 0
+    cached: int = 0
+    new: int = 0
+    failed: int = 0
+    files_hashed: int = 0  # files actually read for hashing (memo misses)
+    model_batches: int = 0  # forward passes run; 0 on a fully cached run
+    batch_size: int = 0
+    workers: int = 0
+    device: str = "cpu"
+    precision: str = "float32"
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(("hash", "data_wait", "model", "write", "total"), 0.0))
+
+    def summary(self) -> str:
+        s = self.seconds
+        return (
+            f"{self.inputs} inputs ({self.unique} unique): {self.new} new, {self.cached} cached, {self.failed} failed | "
+            f"{s['total']:.1f}s total: hash {s['hash']:.1f}s, waiting for data {s['data_wait']:.1f}s, "
+            f"model {s['model']:.1f}s, writing {s['write']:.1f}s | batch {self.batch_size}, workers {self.workers}, "
+            f"{self.device}/{self.precision}"
+        )
+
+
+@dataclass
+class FeatureSet:
+    """The features of a run's successfully decoded inputs, aligned with their keys, paths and labels.
+
+    ``features`` is loaded from the cache (in this order) on first access.
+    """
+
+    keys: list[str]
+    paths: list[str]
+    labels: list[str | None]
+    indices: list[int]  # position of each row in the run's inputs
+    failures: list[Failure]
+    stats: ExtractStats
+    space: FeatureSpace
+    store: FeatureStore | None = field(default=None, repr=False)
+    memory: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @cached_property
+    def features(self) -> np.ndarray:
+        out = np.empty((len(self.keys), self.space.dim), dtype=np.float32)
+        from_store = [i for i, k in enumerate(self.keys) if k not in self.memory]
+        if from_store:
+            out[from_store] = self.store.get([self.keys[i] for i in from_store])
+        for i, k in enumerate(self.keys):
+            if k in self.memory:
+                out[i] = self.memory[k]
+        return out
+
+    @property
+    def y(self) -> np.ndarray:
+        missing = [p for p, lab in zip(self.paths, self.labels) if lab is None]
+        if missing:
+            raise ProbeError(f"{len(missing)} inputs have no label (e.g. {missing[0]}); use class folders or a label column")
+        return np.asarray(self.labels, dtype=object)
+
+
+# -- the data side -------------------------------------------------------------------------------------------
+
+
+class _Inputs(Dataset):
+    """Decode + preprocess one input (a path or a PIL image) in a loader worker; failures are returned, not raised."""
+
+    def __init__(self, items: Sequence[str | Image.Image], preprocess: Preprocess, max_pixels: int):
+        self.items = items
+        self.preprocess = preprocess
+        self.max_pixels = max_pixels
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        try:
+            return i, self.preprocess(decode_image(self.items[i], self.max_pixels)), None
+        except ImageDecodeError as e:
+            return i, None, str(e)
+        except Exception as e:  # a decoder bug must not kill the run: report the input instead
+            return i, None, f"{self.items[i]}: {type(e).__name__}: {e}"
+
+
+def _collate(samples):
+    ok = [(i, a) for i, a, _ in samples if a is not None]
+    failed = [(i, err) for i, a, err in samples if a is None]
+    if not ok:
+        return torch.empty(0, dtype=torch.long), None, failed
+    idx = torch.tensor([i for i, _ in ok], dtype=torch.long)
+    return idx, torch.from_numpy(np.stack([a for _, a in ok])), failed
+
+
+def pil_key(image: Image.Image) -> str:
+    """Cache key of an in-memory image: sha256 of its mode, size and pixels."""
+    h = hashlib.sha256(f"pil:{image.mode}:{image.size}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+# -- device, precision, batch size ---------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ProbeError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_precision(amp: str | bool | None, device: torch.device) -> str:
+    """'float32' (no autocast), 'bfloat16' or 'float16'. Default: bf16 AMP on CUDA (fp16 where bf16 is not
+    supported), float32 on CPU."""
+    if amp in (None, "auto"):
+        if device.type != "cuda":
+            return "float32"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if amp is True:
+        return "bfloat16" if device.type != "cuda" or torch.cuda.is_bf16_supported() else "float16"
+    table = {False: "float32", "off": "float32", "fp32": "float32", "float32": "float32",
+             "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
+    if amp not in table:
+        raise ProbeError(f"amp={amp!r} is not one of auto, off, bf16, fp16")
+    return table[amp]
+
+
+def default_workers(device: torch.device) -> int:
+    """Loader workers: none on a small CPU machine (they would compete with the model for cores), several on GPU."""
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return min(8, max(1, cores - 1))
+    return 0 if cores <= 4 else min(4, cores // 4)
+
+
+class Extractor:
+    """A loaded backbone on a device plus a feature cache: turns inputs into features, extracting only misses.
+
+    Reuse one Extractor for many calls (the model is loaded once). ``write=False`` computes misses in memory and
+    writes nothing (the cache is still read).
+    """
+
+    def __init__(
+        self,
+        backbone: str | Backbone = DEFAULT_BACKBONE,
+        cache: str | os.PathLike | FeatureCache | None = "cache",
+        *,
+        weights: str | None = None,
+        layer: str | None = None,
+        pooling: str | None = None,
+        dtype: str = "float32",
+        device: str | None = None,
+        amp: str | bool | None = None,
+        batch_size: int | None = None,
+        workers: int | None = None,
+        write: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        segment_rows: int = 1024,
+        progress: bool | None = None,
+    ):
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(amp, self.device)
+        self.backbone = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, weights, layer, pooling)
+        self.backbone.to(self.device)
+        self.space = self.backbone.feature_space(dtype=dtype, precision=self.precision)
+        self.cache = cache if isinstance(cache, FeatureCache) or cache is None else FeatureCache(cache)
+        self.write = write and self.cache is not None
+        self.store = self._open_store()
+        self.batch_size = batch_size
+        self.workers = default_workers(self.device) if workers is None else workers
+        self.max_pixels = max_pixels
+        self.segment_rows = segment_rows
+        self.progress = progress
+        self.memory: dict[str, np.ndarray] = {}
+        if batch_size is not None and batch_size < 1:
+            raise ProbeError(f"batch_size={batch_size} must be >= 1")
+
+    def _open_store(self) -> FeatureStore | None:
+        if self.cache is None:
+            return None
+        if self.write:
+            return self.cache.open(self.space)
+        try:
+            return self.cache.open(self.space, create=False)
+        except ProbeError:
+            return None  # nothing cached for this space yet, and we may not create it
+
+    # -- public ------------------------------------------------------------------------------------------
+
+    def extract(self, inputs: Sequence[Record | str | os.PathLike | Image.Image], strict: bool = False) -> FeatureSet:
+        """Features for ``inputs`` (records, paths or PIL images), in order; failures are reported, not raised
+        (``strict=True`` raises StrictModeError after the run, with everything extracted kept)."""
+        t_start = time.perf_counter()
+        records = [r if isinstance(r, Record) else Record(r if isinstance(r, Image.Image) else str(r)) for r in inputs]
+        stats = ExtractStats(inputs=len(records), workers=self.workers, device=str(self.device), precision=self.precision)
+        keys, failures = self._keys(records, stats)
+        if self.store is not None:
+            self.store.refresh()
+        ok_idx = [i for i, k in enumerate(keys) if k is not None]
+        unique = list(dict.fromkeys(keys[i] for i in ok_idx))
+        stats.unique = len(unique)
+        todo = [k for k in unique if k not in self.memory and (self.store is None or k not in self.store)]
+        stats.cached = stats.unique - len(todo)
+        if todo:
+            first = {}
+            for i in ok_idx:
+                first.setdefault(keys[i], i)
+            bad = self._run_model([first[k] for k in todo], records, keys, stats)
+            failures.extend(Failure(i, _name(records[i]), err) for i, err in bad)
+            bad_keys = {keys[i] for i, _ in bad}
+        else:
+            bad_keys = set()
+        # Every record sharing a failed key failed too (same bytes).
+        rows = []
+        for i in ok_idx:
+            if keys[i] in bad_keys:
+                if all(f.index != i for f in failures):
+                    failures.append(Failure(i, _name(records[i]), "same bytes as an input that failed to decode"))
+            else:
+                rows.append(i)
+        failures.sort(key=lambda f: f.index)
+        stats.failed = len(failures)
+        stats.seconds["total"] = time.perf_counter() - t_start
+        log.info("extract: %s", stats.summary())
+        fs = FeatureSet(
+            keys=[keys[i] for i in rows],
+            paths=[_name(records[i]) for i in rows],
+            labels=[records[i].label for i in rows],
+            indices=rows,
+            failures=failures,
+            stats=stats,
+            space=self.space,
+            store=self.store,
+            memory=self.memory,
+        )
+        if strict and failures:
+            raise StrictModeError(
+                f"{len(failures)} of {len(records)} inputs failed (first: {failures[0].error}); "
+                "everything else was extracted and cached"
+            )
+        return fs
+
+    # -- steps -------------------------------------------------------------------------------------------
+
+    def _keys(self, records: list[Record], stats: ExtractStats) -> tuple[list[str | None], list[Failure]]:
+        t = time.perf_counter()
+        keys: list[str | None] = [None] * len(records)
+        failures: list[Failure] = []
+        file_idx = [i for i, r in enumerate(records) if not isinstance(r.path, Image.Image)]
+        for i, r in enumerate(records):
+            if isinstance(r.path, Image.Image):
+                keys[i] = pil_key(r.path)
+        if file_idx:
+            memo = HashMemo(self.cache.root / MEMO_FILE) if self.cache is not None else None
+            try:
+                res = hash_files([records[i].path for i in file_idx], memo)
+            finally:
+                if memo is not None:
+                    memo.close()
+            for j, i in enumerate(file_idx):
+                keys[i] = res.keys[j]
+                if j in res.errors:
+                    failures.append(Failure(i, records[i].path, res.errors[j]))
+            stats.files_hashed = res.read
+        stats.seconds["hash"] = time.perf_counter() - t
+        return keys, failures
+
+    def _choose_batch_size(self, n: int) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        default = DEFAULT_CUDA_BATCH if self.device.type == "cuda" else DEFAULT_CPU_BATCH
+        if n < AUTOTUNE_MIN_INPUTS or self.cache is None:
+            return default
+        from .tuning import tuned_batch_size
+
+        return tuned_batch_size(self.backbone, self.device, self.precision, self.cache.root / TUNING_FILE, default)
+
+    def _run_model(self, todo: list[int], records: list[Record], keys: list[str | None], stats: ExtractStats):
+        bs = self._choose_batch_size(len(todo))
+        stats.batch_size = bs
+        cuda = self.device.type == "cuda"
+        data = _Inputs([records[i].path for i in todo], self.backbone.preprocess, self.max_pixels)
+        loader = DataLoader(
+            data,
+            batch_size=bs,
+            num_workers=self.workers,
+            collate_fn=_collate,
+            pin_memory=cuda,
+            prefetch_factor=4 if self.workers else None,
+        )
+        fmt = torch.channels_last if self.backbone.channels_last else torch.contiguous_format
+        autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.precision)
+        failed: list[tuple[int, str]] = []
+        writer = _WriterThread(self.store, self.segment_rows, self.space) if self.write else None
+        bar = tqdm(total=len(todo), unit="img", desc="extract", disable=_bar_disabled(self.progress), leave=False)
+        try:
+            t = time.perf_counter()
+            for idx, batch, bad in loader:
+                now = time.perf_counter()
+                stats.seconds["data_wait"] += now - t
+                failed.extend((todo[i], err) for i, err in bad)
+                if batch is not None:
+                    x = batch.to(self.device, non_blocking=cuda).contiguous(memory_format=fmt)
+                    with torch.inference_mode(), torch.autocast(
+                        self.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                    ):
+                        feats = self.backbone.features(x)
+                    feats = feats.float().cpu().numpy()
+                    stats.model_batches += 1
+                    if not np.isfinite(feats).all():
+                        rows_bad = ~np.isfinite(feats).all(axis=1)
+                        for j in np.flatnonzero(rows_bad):
+                            failed.append((todo[int(idx[j])], f"{_name(records[todo[int(idx[j])]])}: non-finite features"))
+                        keep = np.flatnonzero(~rows_bad)
+                        idx, feats = idx[keep], feats[keep]
+                    row_keys = [keys[todo[int(i)]] for i in idx]
+                    if writer is not None:
+                        writer.put(row_keys, feats, [_name(records[todo[int(i)]]) for i in idx])
+                    else:
+                        self.memory.update(zip(row_keys, feats))
+                    stats.new += len(row_keys)
+                t = time.perf_counter()
+                stats.seconds["model"] += t - now
+                bar.update(len(idx) + len(bad))
+                bar.set_postfix(cached=stats.cached, failed=len(failed) + stats.failed, refresh=False)
+        finally:
+            bar.close()
+            if writer is not None:
+                stats.seconds["write"] = writer.close()
+                self.store.refresh()
+        return failed
+
+
+class _WriterThread:
+    """Hands feature batches to the cache on a background thread so disk I/O overlaps compute."""
+
+    def __init__(self, store: FeatureStore, segment_rows: int, space: FeatureSpace):
+        self.queue: queue.Queue = queue.Queue(maxsize=16)
+        meta = {"probe_version": _probe_version(), "torch_version": torch.__version__}
+        self.writer = store.writer(rows_per_segment=segment_rows, meta=meta)
+        self.busy = 0.0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="probe-cache-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                break
+            if self.error is not None:
+                continue
+            t = time.perf_counter()
+            try:
+                self.writer.add(*item)
+            except BaseException as e:  # surfaced in the main thread by put()/close()
+                self.error = e
+            self.busy += time.perf_counter() - t
+
+    def put(self, keys, feats, paths):
+        if self.error is not None:
+            raise ProbeError(f"writing the feature cache failed: {self.error}") from self.error
+        self.queue.put((keys, feats, paths))
+
+    def close(self) -> float:
+        """Flush what was computed (also after an error or interrupt) and return the seconds spent writing."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is None:
+            t = time.perf_counter()
+            self.writer.close()
+            self.busy += time.perf_counter() - t
+        else:
+            raise ProbeError(f"writing the feature cache failed: {self.error}") from self.error
+        return self.busy
+
+
+def _name(record: Record) -> str:
+    return "<image>" if isinstance(record.path, Image.Image) else record.path
+
+
+def _bar_disabled(progress: bool | None) -> bool | None:
+    if progress is None:
+        return None  # tqdm: show on a terminal only
+    return not progress
+
+
+def _probe_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def extract(
+    source,
+    backbone: str | Backbone = DEFAULT_BACKBONE,
+    cache: str | os.PathLike | FeatureCache | None = "cache",
+    *,
+    strict: bool = False,
+    **options,
+) -> FeatureSet:
+    """Extract features of a folder / CSV / file list into the cache and return them as a FeatureSet.
+
+    ``options`` are those of :class:`Extractor` (weights, layer, pooling, dtype, device, amp, batch_size, workers,
+    write, max_pixels, segment_rows, progress).
+    """
+    records = resolve(source)
+    return Extractor(backbone, cache, **options).extract(records, strict=strict)
+
+
+def write_run_report(path: str | os.PathLike, fs: FeatureSet) -> Path:
+    """A machine-readable JSON summary of a run (counts, timings, every failure), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {
+        "space": fs.space.id,
+        "backbone": fs.space.backbone,
+        "stats": asdict(fs.stats),
+        "failures": [asdict(f) for f in fs.failures],
+    }
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(json.dumps(body, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,148 @@
+"""Decoding and preprocessing: bytes on disk -> RGB image -> normalized CHW float32 array.
+
+``Preprocess`` is *data* attached to a backbone's weights (like torchvision's ``Weights.transforms``), never
+re-typed at call sites. It is part of the feature-space identity, so any change to it lands in a new cache space.
+No torch import: the arrays become tensors in the extraction engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import ImageDecodeError
+
+#: Refuse images above this many pixels (a decompression bomb guard); Pillow's own default is 89.5 M.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+_INTERPOLATION = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to ``resize``, center-crop ``crop``×``crop``, scale to [0,1], normalize."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.interpolation not in _INTERPOLATION:
+            raise ValueError(f"interpolation={self.interpolation!r} is not one of {sorted(_INTERPOLATION)}")
+        if self.crop > self.resize:
+            raise ValueError(f"crop={self.crop} is larger than resize={self.resize}")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    def to_dict(self) -> dict:
+        return {
+            "resize": self.resize,
+            "crop": self.crop,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """PIL RGB image -> float32 array of shape (3, crop, crop)."""
+        w, h = image.size
+        scale = self.resize / min(w, h)
+        size = (max(self.resize, round(w * scale)), max(self.resize, round(h * scale)))
+        if size != (w, h):
+            image = image.resize(size, _INTERPOLATION[self.interpolation])
+        left = (size[0] - self.crop) // 2
+        top = (size[1] - self.crop) // 2
+        image = image.crop((left, top, left + self.crop, top + self.crop))
+        arr = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB: EXIF orientation applied, alpha composited on white, 16-bit scaled down."""
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def decode_image(source: str | Path | bytes | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image from a path, raw bytes or a PIL image and return it as RGB.
+
+    Raises :class:`ImageDecodeError` naming the input and what is wrong, for undecodable, truncated, empty
+    or over-limit (decompression bomb) inputs.
+    """
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except OSError as e:
+        raise ImageDecodeError(f"{name}: cannot read ({e.strerror or e})") from e
+    with fp:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                previous = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = max_pixels
+                try:
+                    with Image.open(fp) as im:
+                        w, h = im.size
+                        if w * h > max_pixels:
+                            raise ImageDecodeError(
+                                f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
+                            )
+                        im.load()
+                        return to_rgb(im)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = previous
+        except ImageDecodeError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageDecodeError(f"{name}: exceeds the pixel limit of {max_pixels} ({e})") from e
+        except Image.UnidentifiedImageError as e:
+            size = _size(source)
+            what = "empty file" if size == 0 else "not a recognizable image"
+            raise ImageDecodeError(f"{name}: {what}") from e
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageDecodeError(f"{name}: corrupt or truncated image ({e})") from e
+
+
+def _size(source) -> int:
+    if isinstance(source, bytes):
+        return len(source)
+    try:
+        return Path(source).stat().st_size
+    except OSError:
+        return -1
