@@ -173,7 +173,7 @@ class BackboneSpec:
     description: str
     build: Callable[[str | None], tuple[nn.Module, Preprocess, str, str | None]]
     weights_status: Callable[[], str]
-    dim: Callable[[], int]
+    dim: Callable[[], int | None]
     channels_last: bool = True
     test_only: bool = False
 
@@ -303,7 +303,7 @@ def _build_tv(arch: str, weights: str | None):
     return net, pre, digest, path
 
 
-def _tv_dim(arch: str) -> int:
+def _tv_dim(arch: str) -> int | None:
     """Penultimate width, read off the architecture built on the meta device (no memory, no weights)."""
     from torchvision import models
 
@@ -314,7 +314,8 @@ def _tv_dim(arch: str) -> int:
                 net = models.get_model(arch, weights=None)
         except (NotImplementedError, RuntimeError):  # a few builders compute on tensors at init
             net = models.get_model(arch, weights=None)
-    return [m for m in net.modules() if isinstance(m, nn.Linear)][-1].in_features
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].in_features if linears else None
 
 
 def _tv_status(arch: str) -> str:

@@ -115,7 +115,9 @@ def backbones(show_all):
 
 
 def _backbone_line(spec) -> None:
-    click.echo(f"{spec.name:24s} {spec.dim():5d}-d  {spec.weights_status():34s} {spec.description}")
+    dim = spec.dim()
+    dim = f"{dim:5d}-d" if dim else "    ?  "
+    click.echo(f"{spec.name:24s} {dim}  {spec.weights_status():34s} {spec.description}")
 
 
 @cli.command()
