@@ -9,9 +9,9 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "extract": "probe.extract",
-    "Extractor": "probe.extract",
-    "FeatureSet": "probe.extract",
+    "extract": "probe.engine",
+    "Extractor": "probe.engine",
+    "FeatureSet": "probe.engine",
     "FeatureCache": "probe.cache",
     "FeatureSpace": "probe.cache",
     "Preprocess": "probe.preprocess",
@@ -19,11 +19,11 @@ _EXPORTS = {
     "backbone_names": "probe.backbones",
     "resolve": "probe.sources",
     "Record": "probe.sources",
-    "fit": "probe.fit",
-    "evaluate": "probe.fit",
+    "fit": "probe.training",
+    "evaluate": "probe.training",
     "load": "probe.model",
     "ProbeModel": "probe.model",
-    "predict": "probe.predict",
+    "predict": "probe.prediction",
     "FeatureExtractor": "probe.sklearn",
 }
 

@@ -131,7 +131,7 @@ def _backbone_line(spec) -> None:
               help="Machine-readable JSON run report (default: <cache>/last-extract.json).")
 def extract(inputs, strict, segment_rows, report_path, **o):
     """Extract features of INPUTS (folders, CSV/TSV files, image files) into the cache."""
-    from .extract import Extractor, write_run_report
+    from .engine import Extractor, write_run_report
     from .sources import resolve
 
     records = resolve(list(inputs))
@@ -146,6 +146,132 @@ def extract(inputs, strict, segment_rows, report_path, **o):
         click.echo(f"failures listed in {report}")
     if strict and fs.failures:
         raise click.ClickException(f"--strict: {len(fs.failures)} inputs failed")
+
+
+def _model_options(f):
+    f = click.option("--trust", is_flag=True, help="Allow loading a head stored as a pickle (runs code!).")(f)
+    f = click.option("--ignore-versions", is_flag=True, help="Load a head saved with another scikit-learn.")(f)
+    return f
+
+
+def _load_model(path, o):
+    from .model import load
+
+    return load(path, trust=o.pop("trust"), check_versions=not o.pop("ignore_versions"))
+
+
+@cli.command()
+@click.argument("data", nargs=-1, required=True, type=click.Path())
+@click.option("--clf", default="logreg", show_default=True,
+              help="logreg, linear-svm, ridge, knn, sgd, mlp, or an import path like sklearn.ensemble.RandomForestClassifier.")
+@click.option("--params", default=None, help="JSON object of head parameters, e.g. '{\"max_iter\": 500}'.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="model.probe", show_default=True,
+              help="Model file; metrics.json and confusion_matrix.png are written next to it.")
+@click.option("--val", type=click.Path(), default=None, help="Validation data (folder / CSV) for the sweep.")
+@click.option("--val-split", type=click.FloatRange(0, 0.9), default=0.1, show_default=True,
+              help="Held-out fraction when --val is not given (stratified, seeded; 0 disables).")
+@click.option("--C", "C", type=float, default=None, help="Use this C and skip the sweep.")
+@click.option("--alpha", type=float, default=None, help="Use this alpha (ridge, sgd, mlp) and skip the sweep.")
+@click.option("--standardize", is_flag=True, help="Standardize features in the head pipeline.")
+@click.option("--l2-normalize", is_flag=True, help="L2-normalize features in the head pipeline.")
+@click.option("--no-extract", is_flag=True, help="Refuse to extract: every input must already be cached.")
+@click.option("--strict", is_flag=True, help="Fail on bad inputs and on train/validation leakage.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@backbone_options
+@engine_options
+def fit(data, clf, params, output, val, val_split, C, alpha, standardize, l2_normalize, no_extract, strict, seed, **o):
+    """Train a head on the cached features of DATA (labelled folder / CSV) and save a composed model."""
+    import json
+
+    from .training import fit as run_fit
+
+    if C is not None and alpha is not None:
+        raise click.UsageError("give --C or --alpha, not both")
+    try:
+        head_params = json.loads(params) if params else None
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e})", param_hint="--params") from e
+    res = run_fit(
+        list(data) if len(data) > 1 else data[0], clf, backbone=o["backbone"], cache=o["cache_dir"], val=val,
+        val_split=val_split, value=C if C is not None else alpha, params=head_params, standardize=standardize,
+        l2_normalize=l2_normalize, extract_missing=not no_extract, strict=strict, seed=seed, output=output,
+        **extractor_kwargs(o),
+    )
+    click.echo(f"features: {res.metrics['inputs_cached']} cached, {res.metrics['inputs_extracted']} extracted "
+               f"({res.model.backbone['name']}, space {res.model.backbone['space_digest'][:16]})")
+    for leak in res.leakage:
+        click.echo(f"leakage: {leak.other_path} has the same bytes as training input {leak.train_path}")
+    click.echo(res.report)
+    click.echo(f"model saved to {res.path}; report in {res.files['metrics']} and {res.files['confusion_matrix']}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("data", nargs=-1, required=True, type=click.Path())
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help=f"Read cached features here and store new ones (default: read {DEFAULT_CACHE}/, write nothing).")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=None,
+              help="Write metrics.json and confusion_matrix.png here.")
+@click.option("--strict", is_flag=True, help="Fail on bad inputs and on overlap with the training data.")
+@_model_options
+def evaluate(model, data, cache_dir, output_dir, strict, **o):
+    """Report accuracy, balanced accuracy, macro-F1, top-5, ECE and per-class scores of MODEL on DATA."""
+    from .training import evaluate as run_evaluate
+
+    m = _load_model(model, o)
+    res = run_evaluate(m, list(data), cache=cache_dir or DEFAULT_CACHE, write=cache_dir is not None,
+                       strict=strict, output_dir=output_dir)
+    click.echo(res.report)
+    if res.leakage:
+        click.echo(f"leakage: {len(res.leakage)} inputs were in the training data (e.g. {res.leakage[0].other_path})")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write here (atomically) instead of stdout.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help=f"Read cached features here and store new ones (default: read {DEFAULT_CACHE}/, write nothing).")
+@click.option("--evaluate", "show_eval", is_flag=True, help="Inputs carry labels: print the evaluation to stderr.")
+@click.option("--strict", is_flag=True, help="Exit non-zero when any input failed (rows are still written).")
+@click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
+@click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--workers", type=click.IntRange(min=0), default=None)
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
+@_model_options
+def predict(model, inputs, fmt, top_k, output, cache_dir, show_eval, strict, **o):
+    """Predict classes of INPUTS (files, folders, CSVs; `-` reads paths from stdin) with MODEL."""
+    from .training import evaluate_features
+    from .prediction import predict as run_predict
+    from .prediction import save_predictions, write_predictions
+
+    m = _load_model(model, o)
+    items = []
+    for item in inputs:
+        if item == "-":
+            items.extend(line.strip() for line in click.get_text_stream("stdin") if line.strip())
+        else:
+            items.append(item)
+    res = run_predict(m, items, cache=cache_dir or DEFAULT_CACHE, write=cache_dir is not None, top_k=top_k,
+                      device=o["device"], amp=o["amp"], batch_size=o["batch_size"], workers=o["workers"],
+                      progress=o["progress"])
+    if output:
+        save_predictions(res, output, fmt)
+    else:
+        write_predictions(res, click.get_text_stream("stdout"), fmt)
+    err = click.get_text_stream("stderr")
+    if show_eval:
+        if any(lab is None for lab in res.features.labels):
+            raise click.ClickException("--evaluate needs labelled inputs (class folders or a label column)")
+        click.echo(evaluate_features(m, res.features).report, file=err)
+    for r in res.errors:
+        click.echo(f"failed: {r.error}", file=err)
+    if strict and res.errors:
+        raise click.ClickException(f"--strict: {len(res.errors)} of {len(res.rows)} inputs failed")
 
 
 @cli.group(cls=ProbeGroup)

@@ -228,7 +228,6 @@ class Extractor:
         self.max_pixels = max_pixels
         self.segment_rows = segment_rows
         self.progress = progress
-        self.memory: dict[str, np.ndarray] = {}
         if batch_size is not None and batch_size < 1:
             raise ProbeError(f"batch_size={batch_size} must be >= 1")
 
@@ -244,9 +243,11 @@ class Extractor:
 
     # -- public ------------------------------------------------------------------------------------------
 
-    def extract(self, inputs: Sequence[Record | str | os.PathLike | Image.Image], strict: bool = False) -> FeatureSet:
+    def extract(self, inputs: Sequence[Record | str | os.PathLike | Image.Image], strict: bool = False,
+                extract_missing: bool = True) -> FeatureSet:
         """Features for ``inputs`` (records, paths or PIL images), in order; failures are reported, not raised
-        (``strict=True`` raises StrictModeError after the run, with everything extracted kept)."""
+        (``strict=True`` raises StrictModeError after the run, with everything extracted kept).
+        ``extract_missing=False`` refuses to run the model: every input must already be cached."""
         t_start = time.perf_counter()
         records = [r if isinstance(r, Record) else Record(r if isinstance(r, Image.Image) else str(r)) for r in inputs]
         stats = ExtractStats(inputs=len(records), workers=self.workers, device=str(self.device), precision=self.precision)
@@ -256,13 +257,19 @@ class Extractor:
         ok_idx = [i for i, k in enumerate(keys) if k is not None]
         unique = list(dict.fromkeys(keys[i] for i in ok_idx))
         stats.unique = len(unique)
-        todo = [k for k in unique if k not in self.memory and (self.store is None or k not in self.store)]
+        todo = [k for k in unique if self.store is None or k not in self.store]
         stats.cached = stats.unique - len(todo)
+        memory: dict[str, np.ndarray] = {}  # features computed but not written (write=False)
+        if todo and not extract_missing:
+            raise ProbeError(
+                f"{len(todo)} of {stats.unique} inputs are not in the cache ({self.space.backbone}, space "
+                f"{self.space.id}); run `probe extract` on them first, or allow extraction"
+            )
         if todo:
             first = {}
             for i in ok_idx:
                 first.setdefault(keys[i], i)
-            bad = self._run_model([first[k] for k in todo], records, keys, stats)
+            bad = self._run_model([first[k] for k in todo], records, keys, stats, memory)
             failures.extend(Failure(i, _name(records[i]), err) for i, err in bad)
             bad_keys = {keys[i] for i, _ in bad}
         else:
@@ -288,7 +295,7 @@ class Extractor:
             stats=stats,
             space=self.space,
             store=self.store,
-            memory=self.memory,
+            memory=memory,
         )
         if strict and failures:
             raise StrictModeError(
@@ -332,7 +339,8 @@ class Extractor:
 
         return tuned_batch_size(self.backbone, self.device, self.precision, self.cache.root / TUNING_FILE, default)
 
-    def _run_model(self, todo: list[int], records: list[Record], keys: list[str | None], stats: ExtractStats):
+    def _run_model(self, todo: list[int], records: list[Record], keys: list[str | None], stats: ExtractStats,
+                   memory: dict[str, np.ndarray]):
         bs = self._choose_batch_size(len(todo))
         stats.batch_size = bs
         cuda = self.device.type == "cuda"
@@ -374,7 +382,7 @@ class Extractor:
                     if writer is not None:
                         writer.put(row_keys, feats, [_name(records[todo[int(i)]]) for i in idx])
                     else:
-                        self.memory.update(zip(row_keys, feats))
+                        memory.update(zip(row_keys, feats))
                     stats.new += len(row_keys)
                 t = time.perf_counter()
                 stats.seconds["model"] += t - now

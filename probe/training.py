@@ -1,0 +1,272 @@
+"""``probe fit`` and ``probe evaluate``: heads on cached features, with lineage, leakage checks and a report.
+
+    data --extract (cache hits are free)--> features + labels --split / --val--> regularization sweep
+         --> refit on train+val --> ProbeModel (.probe) + metrics.json + confusion_matrix.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import clone
+
+from .backbones import DEFAULT_BACKBONE
+from .errors import ProbeError, StrictModeError
+from .engine import ExtractStats, Extractor, FeatureSet
+from .heads import fit_head, head_description
+from .metrics import classification_metrics, format_report, plot_confusion_matrix
+from .model import ProbeModel, keys_digest
+from .sources import resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Leak:
+    key: str
+    train_path: str
+    other_path: str
+
+
+@dataclass
+class FitResult:
+    model: ProbeModel
+    metrics: dict
+    sweep: object | None
+    leakage: list[Leak]
+    train_stats: ExtractStats
+    val_stats: ExtractStats | None
+    report: str
+    path: Path | None = None
+    files: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    leakage: list[Leak]
+    stats: ExtractStats
+    report: str
+    files: dict = field(default_factory=dict)
+
+
+def find_leakage(train: FeatureSet, other: FeatureSet, train_idx=None, other_idx=None) -> list[Leak]:
+    """Inputs whose bytes (cache key) appear on both sides."""
+    train_idx = range(len(train)) if train_idx is None else train_idx
+    other_idx = range(len(other)) if other_idx is None else other_idx
+    first = {}
+    for i in train_idx:
+        first.setdefault(train.keys[i], train.paths[i])
+    return [Leak(other.keys[j], first[other.keys[j]], other.paths[j]) for j in other_idx if other.keys[j] in first]
+
+
+def split_by_key(keys: list[str], labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded split of rows in which all rows sharing bytes (a key) land on the same side, so the
+    split itself cannot leak. Returns (train row indices, val row indices)."""
+    from sklearn.model_selection import train_test_split
+
+    uniq = list(dict.fromkeys(keys))
+    first_label = {}
+    for k, lab in zip(keys, labels):
+        first_label.setdefault(k, lab)
+    y = np.asarray([first_label[k] for k in uniq], dtype=object)
+    counts = {c: int((y == c).sum()) for c in set(y)}
+    n_val = max(1, round(fraction * len(uniq)))
+    stratify = y if min(counts.values()) >= 2 and n_val >= len(counts) else None
+    if stratify is None:
+        log.warning("validation split is not stratified: some class has fewer than 2 distinct inputs")
+    tr_keys, va_keys = train_test_split(uniq, test_size=n_val, random_state=seed, stratify=stratify)
+    va = set(va_keys)
+    rows = np.arange(len(keys))
+    is_val = np.fromiter((k in va for k in keys), dtype=bool, count=len(keys))
+    return rows[~is_val], rows[is_val]
+
+
+def _check_failures(fs: FeatureSet, what: str, strict: bool) -> None:
+    for f in fs.failures:
+        log.warning("%s: skipped %s", what, f.error)
+    if strict and fs.failures:
+        raise StrictModeError(f"--strict: {len(fs.failures)} {what} inputs failed (first: {fs.failures[0].error})")
+
+
+def fit(
+    data,
+    clf: str = "logreg",
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    cache="cache",
+    val=None,
+    val_split: float = 0.1,
+    value: float | None = None,
+    params: dict | None = None,
+    standardize: bool = False,
+    l2_normalize: bool = False,
+    extract_missing: bool = True,
+    strict: bool = False,
+    seed: int = 0,
+    output: str | os.PathLike | None = None,
+    **extract_options,
+) -> FitResult:
+    """Train a head on the features of ``data`` (folder / CSV / files with labels) and build a ProbeModel.
+
+    The regularization value is chosen on a validation set (``val`` data, or a seeded stratified ``val_split``),
+    then the head is refit on train+val. ``value`` (e.g. C=0.5) skips the sweep. With ``output``, the model, its
+    ``metrics.json`` and ``confusion_matrix.png`` are written there.
+    """
+    ex = Extractor(backbone, cache, **extract_options)
+    train = ex.extract(resolve(data), extract_missing=extract_missing)
+    _check_failures(train, "training", strict)
+    y_all = train.y
+    X_all = train.features
+    leakage: list[Leak] = []
+    val_fs = None
+    if val is not None:
+        val_fs = ex.extract(resolve(val), extract_missing=extract_missing)
+        _check_failures(val_fs, "validation", strict)
+        leakage = find_leakage(train, val_fs)
+        X_tr, y_tr, X_va, y_va = X_all, y_all, val_fs.features, val_fs.y
+        tr_idx = np.arange(len(train))
+    elif val_split > 0:
+        tr_idx, va_idx = split_by_key(train.keys, y_all, val_split, seed)
+        X_tr, y_tr, X_va, y_va = X_all[tr_idx], y_all[tr_idx], X_all[va_idx], y_all[va_idx]
+    else:
+        tr_idx = np.arange(len(train))
+        X_tr, y_tr, X_va, y_va = X_all, y_all, None, None
+    for leak in leakage:
+        log.warning("leakage: %s (train) and %s (validation) have the same bytes", leak.train_path, leak.other_path)
+    if strict and leakage:
+        raise StrictModeError(f"--strict: {len(leakage)} validation inputs also appear in the training data "
+                              f"(e.g. {leakage[0].other_path} = {leakage[0].train_path})")
+
+    t = time.perf_counter()
+    hf = fit_head(clf, X_tr, y_tr, X_val=X_va, y_val=y_va, value=value, params=params,
+                  standardize=standardize, l2_normalize=l2_normalize, seed=seed)
+    fit_seconds = time.perf_counter() - t
+    head = hf.estimator
+
+    if X_va is not None:
+        # Held-out metrics: the chosen setting fit on train only, scored on validation (before the refit).
+        held = clone(head).fit(X_tr, y_tr) if len(y_va) else None
+        metrics = classification_metrics(y_va, held.predict_proba(X_va), held.classes_)
+        metrics["evaluated_on"] = "validation (head fit on train only, before the train+val refit)"
+    else:
+        metrics = classification_metrics(y_tr, head.predict_proba(X_tr), head.classes_)
+        metrics["evaluated_on"] = "training data (no validation split: optimistic)"
+
+    all_keys = train.keys + (val_fs.keys if val_fs is not None else [])
+    all_labels = list(y_all) + (list(val_fs.y) if val_fs is not None else [])
+    n_new = train.stats.new + (val_fs.stats.new if val_fs else 0)
+    n_cached = train.stats.cached + (val_fs.stats.cached if val_fs else 0)
+    metrics.update({
+        "head": clf,
+        "chosen": hf.chosen,
+        "n_train": int(hf.n_train),
+        "n_val": int(hf.n_val),
+        "refit_on_train_val": bool(X_va is not None),
+        "fit_seconds": round(fit_seconds, 3),
+        "inputs_cached": int(n_cached),
+        "inputs_extracted": int(n_new),
+        "leakage": len(leakage),
+        "sweep": _sweep_dict(hf.sweep),
+    })
+    space = ex.space
+    model = ProbeModel(
+        backbone={
+            "name": space.backbone,
+            "weights_sha256": space.weights_sha256,
+            "weights_path": ex.backbone.weights_path,
+            "layer": space.layer,
+            "pooling": space.pooling,
+            "preprocess": space.preprocess,
+            "dim": space.dim,
+            "dtype": space.dtype,
+            "precision": space.precision,
+            "space_digest": space.digest,
+        },
+        head=head,
+        meta={
+            "head": {"name": clf, **head_description(head), "chosen": hf.chosen},
+            "training": {
+                "source": [str(d) for d in (data if isinstance(data, (list, tuple)) else [data])],
+                "val_source": None if val is None else str(val),
+                "val_split": val_split if val is None else None,
+                "seed": seed,
+                "keys_digest": keys_digest(all_keys, all_labels),
+                "n_inputs": len(all_keys),
+                "n_cached": int(n_cached),
+                "n_extracted": int(n_new),
+            },
+            "metrics": _headline(metrics),
+        },
+        train_keys=sorted(set(all_keys)),
+    )
+    report = format_report(metrics, hf.sweep)
+    result = FitResult(model, metrics, hf.sweep, leakage, train.stats, val_fs.stats if val_fs else None, report)
+    if output is not None:
+        result.path = model.save(output)
+        result.files = write_report_files(Path(output).parent, metrics, model.classes_)
+    return result
+
+
+def evaluate(model: ProbeModel, data, *, cache="cache", write: bool = False, strict: bool = False,
+             output_dir: str | os.PathLike | None = None, **extract_options) -> EvalResult:
+    """Score a model on labelled data (features from the cache where present); reports overlap with training."""
+    fs = model.features(resolve(data), cache=cache, write=write, strict=False, **extract_options)
+    _check_failures(fs, "evaluation", strict)
+    return evaluate_features(model, fs, strict=strict, output_dir=output_dir)
+
+
+def evaluate_features(model: ProbeModel, fs: FeatureSet, *, strict: bool = False,
+                      output_dir: str | os.PathLike | None = None) -> EvalResult:
+    metrics = classification_metrics(fs.y, model.predict_proba_features(fs.features), model.classes_)
+    metrics["evaluated_on"] = "evaluation data"
+    leakage = []
+    if model.train_keys:
+        train = set(model.train_keys)
+        leakage = [Leak(k, "(training set)", p) for k, p in zip(fs.keys, fs.paths) if k in train]
+    metrics["leakage"] = len(leakage)
+    for leak in leakage:
+        log.warning("leakage: %s has the same bytes as a training input", leak.other_path)
+    if strict and leakage:
+        raise StrictModeError(f"--strict: {len(leakage)} evaluation inputs were in the training data "
+                              f"(e.g. {leakage[0].other_path})")
+    result = EvalResult(metrics, leakage, fs.stats, format_report(metrics))
+    if output_dir is not None:
+        result.files = write_report_files(Path(output_dir), metrics, model.classes_)
+    return result
+
+
+def write_report_files(folder: Path, metrics: dict, classes) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    mpath = folder / "metrics.json"
+    tmp = mpath.with_name(f".tmp-{os.getpid()}-{mpath.name}")
+    tmp.write_text(json.dumps(metrics, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, mpath)
+    cpath = plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), [str(c) for c in classes],
+                                  folder / "confusion_matrix.png")
+    return {"metrics": mpath, "confusion_matrix": Path(cpath) if cpath else folder / "confusion_matrix.png"}
+
+
+def _jsonable(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _sweep_dict(sweep) -> dict | None:
+    if sweep is None:
+        return None
+    return json.loads(json.dumps(sweep.to_dict() if hasattr(sweep, "to_dict") else vars(sweep), default=_jsonable))
+
+
+def _headline(metrics: dict) -> dict:
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy", "ece", "n", "evaluated_on")
+    return {k: metrics[k] for k in keys if k in metrics}
