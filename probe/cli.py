@@ -253,7 +253,7 @@ def predict(model, inputs, fmt, top_k, output, cache_dir, show_eval, strict, **o
     items = []
     for item in inputs:
         if item == "-":
-            items.extend(line.strip() for line in click.get_text_stream("stdin") if line.strip())
+            items.extend(line.strip() for line in sys.stdin if line.strip())
         else:
             items.append(item)
     res = run_predict(m, items, cache=cache_dir or DEFAULT_CACHE, write=cache_dir is not None, top_k=top_k,
@@ -262,14 +262,13 @@ def predict(model, inputs, fmt, top_k, output, cache_dir, show_eval, strict, **o
     if output:
         save_predictions(res, output, fmt)
     else:
-        write_predictions(res, click.get_text_stream("stdout"), fmt)
-    err = click.get_text_stream("stderr")
+        write_predictions(res, sys.stdout, fmt)
     if show_eval:
         if any(lab is None for lab in res.features.labels):
             raise click.ClickException("--evaluate needs labelled inputs (class folders or a label column)")
-        click.echo(evaluate_features(m, res.features).report, file=err)
+        click.echo(evaluate_features(m, res.features).report, err=True)
     for r in res.errors:
-        click.echo(f"failed: {r.error}", file=err)
+        click.echo(f"failed: {r.error}", err=True)
     if strict and res.errors:
         raise click.ClickException(f"--strict: {len(res.errors)} of {len(res.rows)} inputs failed")
 
@@ -327,7 +326,7 @@ def cache_verify(cache_dir):
     from .cache import FeatureCache
 
     bad = 0
-    for s in FeatureCache(cache_dir).stores():
+    for s in FeatureCache(cache_dir).stores(scan=False):
         r = s.verify()
         status = "ok" if r.ok else "FAILED"
         click.echo(f"{r.space_id}: {status} ({r.files} segments, {r.unique_rows} rows)")

@@ -1,0 +1,150 @@
+"""The composed model: sklearn surface, save/load round trip, compatibility checks, safe loading."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import TINY, make_image_folder
+from PIL import Image
+
+import probe
+from probe.errors import ModelCompatibilityError, ProbeError, UntrustedModelError
+from probe.model import MANIFEST, load
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    train = make_image_folder(root / "train", per_class=10)
+    test = make_image_folder(root / "test", per_class=4, seed=700)
+    res = probe.fit(train, backbone=TINY, cache=root / "cache", batch_size=8, output=root / "m" / "model.probe")
+    return res, test, root
+
+
+def _paths(folder):
+    return sorted(str(p) for p in folder.rglob("*.png"))
+
+
+def _rewrite(src, dst, manifest_update=None, replace=None):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name == MANIFEST and manifest_update:
+                m = json.loads(data)
+                manifest_update(m)
+                data = json.dumps(m).encode()
+            if replace and name in replace:
+                data = replace[name]
+            zout.writestr(name, data)
+        for name, data in (replace or {}).items():
+            if name not in zin.namelist():
+                zout.writestr(name, data)
+    return dst
+
+
+def test_save_load_predict_gives_identical_probabilities(fitted):
+    res, test, root = fitted
+    paths = _paths(test)
+    before = res.model.predict_proba(paths)
+    loaded = load(res.path)
+    after = loaded.predict_proba(paths)
+    np.testing.assert_array_equal(before, after)
+    assert list(loaded.classes_) == list(res.model.classes_)
+    assert loaded.score(paths, [p.split("/")[-2] for p in paths]) >= 0.9
+    assert loaded.meta["training"]["keys_digest"] == res.model.meta["training"]["keys_digest"]
+
+
+def test_predicts_on_pil_images_like_on_files(fitted):
+    res, test, _ = fitted
+    paths = _paths(test)[:5]
+    images = [Image.open(p) for p in paths]
+    np.testing.assert_allclose(res.model.predict_proba(images), res.model.predict_proba(paths), atol=1e-6)
+    assert list(res.model.predict(images)) == list(res.model.predict(paths))
+
+
+def test_manifest_records_lineage(fitted):
+    res, _, _ = fitted
+    with zipfile.ZipFile(res.path) as z:
+        m = json.loads(z.read(MANIFEST))
+    bb = m["backbone"]
+    assert bb["name"] == TINY and len(bb["weights_sha256"]) == 64 and bb["preprocess"]["crop"] == 32
+    assert bb["layer"] == "penultimate" and len(bb["space_digest"]) == 64
+    assert m["head"]["name"] == "logreg" and "chosen" in m["head"]
+    assert {"probe", "sklearn", "torch"} <= set(m["versions"])
+    assert m["training"]["n_inputs"] == 30 and len(m["training"]["keys_digest"]) == 64
+    assert "accuracy" in m["metrics"] and m["created"]
+    assert m["head_file"] == "head.skops"
+
+
+def test_weights_digest_mismatch_is_refused(fitted, tmp_path):
+    res, test, _ = fitted
+
+    def bump(m):
+        m["backbone"]["weights_sha256"] = "0" * 64
+
+    bad = load(_rewrite(res.path, tmp_path / "other-weights.probe", bump))
+    with pytest.raises(ModelCompatibilityError, match="weights sha256"):
+        bad.predict(_paths(test)[:2])
+
+
+def test_unknown_backbone_and_other_sklearn_are_refused(fitted, tmp_path):
+    res, _, _ = fitted
+
+    def rename(m):
+        m["backbone"]["name"] = "tv:resnet19"
+
+    with pytest.raises(ModelCompatibilityError, match="resnet19"):
+        load(_rewrite(res.path, tmp_path / "a.probe", rename))
+
+    def old_sklearn(m):
+        m["versions"]["sklearn"] = "0.24.2"
+
+    path = _rewrite(res.path, tmp_path / "b.probe", old_sklearn)
+    with pytest.raises(ModelCompatibilityError, match="scikit-learn 0.24.2"):
+        load(path)
+    assert load(path, check_versions=False).classes_ is not None
+
+
+class _Boom:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path(__import__('os').environ['PROBE_PWNED']).write_text('x')",))
+
+
+def test_pickled_head_does_not_run_code_without_trust(fitted, tmp_path, monkeypatch):
+    res, _, _ = fitted
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PROBE_PWNED", str(marker))
+
+    def to_joblib(m):
+        m["head_file"] = "head.joblib"
+
+    path = _rewrite(res.path, tmp_path / "evil.probe", to_joblib, {"head.joblib": pickle.dumps(_Boom())})
+    with pytest.raises(UntrustedModelError, match="arbitrary code"):
+        load(path)
+    assert not marker.exists()
+
+
+def test_skops_head_with_untrusted_type_is_refused(fitted, tmp_path):
+    import os
+
+    import skops.io as sio
+    from sklearn.preprocessing import FunctionTransformer
+
+    res, _, _ = fitted
+    evil = sio.dumps(FunctionTransformer(func=os.system))  # a callable skops would look up and call
+    path = _rewrite(res.path, tmp_path / "evil2.probe", replace={"head.skops": evil})
+    with pytest.raises(UntrustedModelError, match="does not trust"):
+        load(path)
+
+
+def test_not_a_model_file(tmp_path):
+    p = tmp_path / "x.probe"
+    p.write_text("hello")
+    with pytest.raises(ProbeError, match="not a probe model file"):
+        load(p)
+    with pytest.raises(ProbeError, match="no such model file"):
+        load(tmp_path / "missing.probe")
