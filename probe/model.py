@@ -30,6 +30,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .errors import ModelCompatibilityError, ProbeError, UntrustedModelError
+from .heads import SKOPS_TRUSTED_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +38,9 @@ FORMAT = "probe.model"
 FORMAT_VERSION = 1
 MANIFEST = "probe-model.json"
 
-#: skops marks these sklearn-internal types as untrusted by default; they are plain data holders that probe's own
-#: heads contain (calibrated linear-svm / ridge), so they are allowed without --trust.
-ALLOWED_TYPES = frozenset({
-    "sklearn.calibration._CalibratedClassifier",
-    "sklearn.calibration._SigmoidCalibration",
-    "sklearn.neighbors._kd_tree.KDTree",
-    "sklearn.neighbors._ball_tree.BallTree",
-    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
-    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
-    "sklearn._loss.link.Interval",
-    "sklearn._loss.link.IdentityLink",
-    "sklearn._loss.link.LogitLink",
-    "sklearn._loss.link.MultinomialLogit",
-    "sklearn._loss.loss.HalfMultinomialLoss",
-    "sklearn._loss.loss.HalfBinomialLoss",
-})
+#: skops marks some sklearn-internal types in probe's built-in heads as untrusted (calibrated linear-svm / ridge,
+#: the mlp's optimizer); they are plain data holders, so they load without --trust. Anything else needs trust.
+ALLOWED_TYPES = frozenset(SKOPS_TRUSTED_TYPES)
 
 
 def keys_digest(keys: Sequence[str], labels: Sequence) -> str:
