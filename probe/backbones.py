@@ -151,6 +151,16 @@ def _load_state_dict(path: str | os.PathLike) -> dict:
     return sd
 
 
+def _load_weights(net: nn.Module, path: str | os.PathLike, name: str) -> None:
+    """Load a state_dict file into ``net``; keys or shapes that do not fit are a WeightsUnavailableError."""
+    try:
+        net.load_state_dict(_load_state_dict(path))
+    except RuntimeError as e:  # missing / unexpected keys, size mismatches: torch's message spans many lines
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise WeightsUnavailableError(f"{name}: weights file {path} does not fit the architecture ({detail})") from e
+
+
 def _replace_last_linear(model: nn.Module) -> None:
     """Make the model return the classifier's input (the penultimate pooled features)."""
     last = None
@@ -238,7 +248,7 @@ class TinyCNN(nn.Module):
 def _build_tiny(weights: str | None):
     net = TinyCNN()
     if weights:
-        net.load_state_dict(_load_state_dict(weights))
+        _load_weights(net, weights, "test:tiny-cnn")
         digest = file_sha256(weights)
     else:
         digest = state_sha256(net)
@@ -296,7 +306,7 @@ def _build_tv(arch: str, weights: str | None):
             path = str(_tv_hub_path(wenum))
         else:
             raise WeightsUnavailableError(f"tv:{arch}: torchvision has no pretrained weights; pass --weights PATH")
-        net.load_state_dict(_load_state_dict(path))
+        _load_weights(net, path, f"tv:{arch}")
         digest = file_sha256(path)
     _replace_last_linear(net)
     pre = _tv_preprocess(wenum) if wenum is not None else Preprocess(256, 224)

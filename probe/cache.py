@@ -148,7 +148,7 @@ class VerifyReport:
 class FeatureStore:
     """The rows of one feature space: lookup by key, ordered gather, append through :class:`SegmentWriter`."""
 
-    def __init__(self, path: Path, space: FeatureSpace):
+    def __init__(self, path: Path, space: FeatureSpace, scan: bool = True):
         self.path = Path(path)
         self.space = space
         self.segments_dir = self.path / "segments"
@@ -156,7 +156,8 @@ class FeatureStore:
         self._index: dict[bytes, tuple[int, int]] = {}
         self._handles: dict[int, h5py.File] = {}
         self._seen: set[str] = set()
-        self.refresh()
+        if scan:  # scan=False: no index (and no error on a damaged segment), for verify() to report on it
+            self.refresh()
 
     # -- reading -----------------------------------------------------------------------------------------
 
@@ -265,11 +266,14 @@ class FeatureStore:
             raise ValueError(f"features have shape {features.shape}, expected ({len(keys)}, {self.space.dim})")
         if not np.isfinite(features).all():
             raise ValueError("refusing to cache non-finite features")
+        with np.errstate(over="ignore"):
+            data = features.astype(self.space.dtype, copy=False)
+        if not np.isfinite(data).all():  # finite float32 values beyond float16's range (65504) become inf
+            raise ValueError(f"features overflow the storage dtype {self.space.dtype}; use dtype float32")
         self.segments_dir.mkdir(parents=True, exist_ok=True)
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         tmp = self.segments_dir / f".tmp-{tag}.h5"
         final = self.segments_dir / f"seg-{time.time_ns():020d}-{tag}.h5"
-        data = features.astype(self.space.dtype, copy=False)
         try:
             with h5py.File(tmp, "w") as f:
                 f.attrs["format"] = FORMAT
@@ -484,8 +488,13 @@ class FeatureCache:
             _atomic_write_text(path / SPACE_FILE, json.dumps(space.to_dict(), indent=2, sort_keys=True) + "\n")
         return self.open_path(path, expected=space)
 
-    def open_path(self, path: str | os.PathLike, expected: FeatureSpace | None = None) -> FeatureStore:
-        """Open a space directory; with ``expected``, refuse (CacheMismatchError) if its description differs."""
+    def open_path(self, path: str | os.PathLike, expected: FeatureSpace | None = None,
+                  scan: bool = True) -> FeatureStore:
+        """Open a space directory; with ``expected``, refuse (CacheMismatchError) if its description differs.
+
+        ``scan=False`` skips indexing the segments: enough for :meth:`FeatureStore.verify`, which must be able to
+        report on a space whose segments cannot all be read.
+        """
         path = Path(path)
         try:
             found = FeatureSpace.from_dict(json.loads((path / SPACE_FILE).read_text()))
@@ -497,7 +506,7 @@ class FeatureCache:
             name = expected.first_difference(found)
             if name is not None:
                 raise CacheMismatchError(name, getattr(expected, name), getattr(found, name), str(path))
-        return FeatureStore(path, found)
+        return FeatureStore(path, found, scan=scan)
 
     def find(self, space_id: str) -> Path:
         """The directory of a space given its id or any unique prefix of its digest."""
@@ -506,10 +515,10 @@ class FeatureCache:
             raise ProbeError(f"{self.root}: {len(matches)} feature spaces match {space_id!r}")
         return matches[0]
 
-    def stores(self) -> list[FeatureStore]:
+    def stores(self, scan: bool = True) -> list[FeatureStore]:
         if not self.spaces_dir.exists():
             return []
-        return [self.open_path(p) for p in sorted(self.spaces_dir.iterdir()) if (p / SPACE_FILE).exists()]
+        return [self.open_path(p, scan=scan) for p in sorted(self.spaces_dir.iterdir()) if (p / SPACE_FILE).exists()]
 
     def remove(self, space_id: str) -> None:
         shutil.rmtree(self.find(space_id))

@@ -315,7 +315,10 @@ class Extractor:
             if isinstance(r.path, Image.Image):
                 keys[i] = pil_key(r.path)
         if file_idx:
-            memo = HashMemo(self.cache.root / MEMO_FILE) if self.cache is not None else None
+            memo_path = self.cache.root / MEMO_FILE if self.cache is not None else None
+            # write=False writes nothing: no cache folder or memo is created (an existing memo is used and kept).
+            use_memo = memo_path is not None and (self.write or memo_path.exists())
+            memo = HashMemo(memo_path) if use_memo else None
             try:
                 res = hash_files([records[i].path for i in file_idx], memo)
             finally:

@@ -1,0 +1,185 @@
+"""Decoding (any mode -> RGB, refusing bad inputs with a message naming them) and Preprocess as data."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import image_bytes, make_image
+from probe.errors import ImageDecodeError
+from probe.preprocess import DEFAULT_MAX_PIXELS, Preprocess, decode_image, to_rgb
+
+PRE = Preprocess(resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+# -- Preprocess ----------------------------------------------------------------------------------------------
+
+
+def test_preprocess_is_validated_data():
+    with pytest.raises(ValueError, match="crop=40"):
+        Preprocess(resize=32, crop=40)
+    with pytest.raises(ValueError, match="cubic"):
+        Preprocess(resize=32, crop=32, interpolation="cubic")
+    p = Preprocess(resize=36, crop=32, mean=[0, 0, 0], std=[1, 1, 1], interpolation="bicubic")
+    assert p.mean == (0.0, 0.0, 0.0) and isinstance(p.std, tuple)
+    d = p.to_dict()
+    assert d == {"resize": 36, "crop": 32, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
+                 "interpolation": "bicubic"}
+    assert Preprocess.from_dict(d) == p
+    assert hash(p) == hash(Preprocess.from_dict(d))  # frozen: usable as a dict key
+
+
+def test_output_shape_dtype_and_normalization():
+    im = Image.new("RGB", (50, 40), (255, 0, 51))
+    x = PRE(im)
+    assert x.shape == (3, 32, 32) and x.dtype == np.float32 and x.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(x[0], 1.0, atol=1e-6)  # (1 - 0.5) / 0.5
+    np.testing.assert_allclose(x[1], -1.0, atol=1e-6)
+    np.testing.assert_allclose(x[2], (0.2 - 0.5) / 0.5, atol=1e-6)
+
+
+def test_resize_shorter_side_then_center_crop():
+    # 96x32: three vertical bands; the crop keeps exactly the middle (white) band.
+    arr = np.zeros((32, 96, 3), np.uint8)
+    arr[:, 32:64] = 255
+    p = Preprocess(resize=32, crop=32, mean=(0, 0, 0), std=(1, 1, 1), interpolation="nearest")
+    np.testing.assert_array_equal(p(Image.fromarray(arr)), np.ones((3, 32, 32), np.float32))
+    # A wide image is scaled so its *shorter* side becomes `resize`, then cropped to a square.
+    wide = Image.fromarray(np.concatenate([np.zeros((10, 15, 3)), np.full((10, 15, 3), 255)], axis=1).astype(np.uint8))
+    x = p(wide)
+    assert x.shape == (3, 32, 32)
+    assert x[:, :, :14].max() == 0.0 and x[:, :, 18:].min() == 1.0  # left half black, right half white
+
+
+def test_tiny_image_is_upscaled():
+    x = PRE(Image.new("RGB", (1, 1), (255, 255, 255)))
+    assert x.shape == (3, 32, 32)
+    np.testing.assert_allclose(x, 1.0, atol=1e-6)
+
+
+# -- to_rgb --------------------------------------------------------------------------------------------------
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bit():
+    im = Image.fromarray(np.array([[0, 32896, 65535]], np.uint16))
+    assert im.mode == "I;16"
+    rgb = to_rgb(im)
+    assert rgb.mode == "RGB"
+    assert [rgb.getpixel((i, 0)) for i in range(3)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+
+
+def test_32_bit_integer_and_float_modes():
+    small = Image.fromarray(np.array([[0, 200]], np.int32))  # mode I, values of an 8-bit image
+    assert to_rgb(small).getpixel((1, 0)) == (200, 200, 200)
+    f = Image.fromarray(np.array([[0.0, 255.0]], np.float32))
+    assert to_rgb(f).getpixel((1, 0)) == (255, 255, 255)
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
+    rgba.putpixel((1, 0), (0, 0, 0, 255))
+    rgb = to_rgb(rgba)
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((1, 0)) == (0, 0, 0)
+    assert to_rgb(Image.new("LA", (1, 1), (0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    pal = Image.new("P", (2, 1), 0)
+    pal.putpalette([10, 20, 30, 200, 100, 50])
+    pal.putpixel((1, 0), 1)
+    pal.info["transparency"] = 0
+    rgb = to_rgb(pal)
+    assert rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((1, 0)) == (200, 100, 50)
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "CMYK", "YCbCr", "P", "RGB"])
+def test_other_modes_become_rgb(mode):
+    im = Image.fromarray(np.full((4, 4, 3), 200, np.uint8)).convert(mode)
+    assert to_rgb(im).mode == "RGB"
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    im = Image.fromarray(np.zeros((20, 40, 3), np.uint8))  # 40 wide, 20 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    im.save(tmp_path / "rotated.jpg", exif=exif)
+    assert decode_image(tmp_path / "rotated.jpg").size == (20, 40)
+
+
+# -- decode_image --------------------------------------------------------------------------------------------
+
+
+def test_decode_from_path_bytes_and_pil(tmp_path):
+    path = make_image(tmp_path / "a.png", seed=1)
+    from_path = decode_image(path)
+    from_str = decode_image(str(path))
+    from_bytes = decode_image(path.read_bytes())
+    from_pil = decode_image(Image.open(path))
+    for im in (from_path, from_str, from_bytes, from_pil):
+        assert im.mode == "RGB" and im.size == (40, 40)
+        assert np.array_equal(np.asarray(im), np.asarray(from_path))
+
+
+def test_bad_files_corpus(bad_files):
+    for name, path in bad_files.good.items():
+        im = decode_image(path, max_pixels=bad_files.max_pixels)
+        assert im.mode == "RGB", name
+        assert np.isfinite(PRE(im)).all()
+    with Image.open(bad_files.good["palette_alpha.png"]) as im:
+        assert im.mode == "P" and "transparency" in im.info
+    with Image.open(bad_files.good["gray16.png"]) as im:
+        assert im.mode == "I;16"
+    with Image.open(bad_files.good["cmyk.jpg"]) as im:
+        assert im.mode == "CMYK"
+    expected = {
+        "empty.jpg": "empty file",
+        "notes.jpg": "not a recognizable image",
+        "truncated.png": "truncated",
+        "truncated.jpg": "truncated",
+        "too_big.png": "pixel",
+    }
+    assert set(expected) == set(bad_files.bad)
+    for name, path in bad_files.bad.items():
+        with pytest.raises(ImageDecodeError) as info:
+            decode_image(path, max_pixels=bad_files.max_pixels)
+        assert str(path) in str(info.value) and expected[name] in str(info.value), str(info.value)
+    assert decode_image(bad_files.bad["too_big.png"]).size == (200, 200)  # fine under the default limit
+
+
+def test_missing_file_and_bytes_are_named():
+    with pytest.raises(ImageDecodeError, match="nowhere.png: cannot read"):
+        decode_image("/nowhere.png")
+    with pytest.raises(ImageDecodeError, match="<bytes>: empty file"):
+        decode_image(b"")
+    with pytest.raises(ImageDecodeError, match="<bytes>: corrupt or truncated"):
+        data = image_bytes(3, (64, 64), "PNG")
+        decode_image(data[: len(data) // 2])
+
+
+def test_over_limit_under_twice_the_limit_is_refused(tmp_path):
+    # Pillow only warns between the limit and twice the limit; probe refuses anyway.
+    path = make_image(tmp_path / "big.png", seed=2, size=(120, 100))
+    with pytest.raises(ImageDecodeError, match="big.png"):
+        decode_image(path, max_pixels=10_000)
+    assert decode_image(path, max_pixels=12_000).size == (120, 100)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_header_is_refused_without_decoding(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(100_000, 100_000))  # 10^10 pixels claimed in a 57-byte file
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageDecodeError, match=r"bomb\.png.*exceeds"):
+        decode_image(bomb)
+    with pytest.raises(ImageDecodeError, match="exceeds"):
+        decode_image(bomb.read_bytes())
+    assert Image.MAX_IMAGE_PIXELS == before  # the temporary limit is restored
+    assert DEFAULT_MAX_PIXELS < 100_000 * 100_000
