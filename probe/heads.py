@@ -87,12 +87,16 @@ class HeadSpec:
     refine_steps: int = 0  # default number of refinement steps after the coarse grid
     warm_start: bool = False  # the solver can start from the previous solution while sweeping
     summary: str = ""
+    sweep_params: dict = field(default_factory=dict)  # solver settings for sweep fits only (not the final refit)
 
 
 HEADS: dict[str, HeadSpec] = {
     "logreg": HeadSpec(
         LogisticRegression, {"max_iter": 1000}, "C", C_GRID, "smaller", 3, True,
-        "multinomial logistic regression (lbfgs), the CLIP linear probe"),
+        "multinomial logistic regression (lbfgs), the CLIP linear probe",
+        # Ranking C values needs no tight optimum: tol 1e-3 made a 13-point sweep on 2700x1280 EfficientNet
+        # features ~5x cheaper and chose the same C; the final refit keeps sklearn's tol=1e-4.
+        {"tol": 1e-3}),
     "linear-svm": HeadSpec(
         LinearSVC, {"dual": "auto"}, "C", C_GRID, "smaller", 3, False,
         "linear SVM (liblinear); final fit is sigmoid-calibrated for predict_proba"),
@@ -292,6 +296,7 @@ class _Plan:
     stronger: str | None
     refine_steps: int
     warm_start: bool
+    sweep_params: dict = field(default_factory=dict)
 
 
 def _plan(spec: HeadSpec | None, grid, refine_steps: int | None, n_train: int) -> _Plan | None:
@@ -317,7 +322,8 @@ def _plan(spec: HeadSpec | None, grid, refine_steps: int | None, n_train: int) -
         values = tuple(sorted(values, reverse=stronger == "larger"))
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
     steps = (spec.refine_steps if spec else 0) if refine_steps is None else int(refine_steps)
-    return _Plan(param, values, stronger, steps if numeric else 0, bool(spec and spec.warm_start))
+    return _Plan(param, values, stronger, steps if numeric else 0, bool(spec and spec.warm_start),
+                 dict(spec.sweep_params) if spec else {})
 
 
 def _run_sweep(pipe: Pipeline, plan: _Plan, X_train, y_train, X_val, y_val, scoring: str,
@@ -334,13 +340,20 @@ def _run_sweep(pipe: Pipeline, plan: _Plan, X_train, y_train, X_val, y_val, scor
         tie_break = "stronger"
     if plan.warm_start:
         clf.set_params(warm_start=True)  # the sweep only; the final refit starts cold
+    if plan.sweep_params:
+        clf.set_params(**plan.sweep_params)
     integer = all(isinstance(v, int) for v in plan.grid)
     evaluated: list[tuple[Any, float]] = []
     not_converged = []
     log_losses: list[float] = []
 
+    snapshots: dict[Any, tuple[np.ndarray, np.ndarray]] = {}  # value -> solution, for warm starts
+
     def evaluate(value):
         clf.set_params(**{plan.param: value})
+        if snapshots:  # start from the solution of the nearest value evaluated so far (log scale)
+            nearest = min(snapshots, key=lambda v: abs(math.log(v) - math.log(value)))
+            clf.coef_, clf.intercept_ = (a.copy() for a in snapshots[nearest])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             clf.fit(X_train, y_train)
@@ -349,6 +362,8 @@ def _run_sweep(pipe: Pipeline, plan: _Plan, X_train, y_train, X_val, y_val, scor
                 not_converged.append(value)
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if plan.warm_start and hasattr(clf, "coef_"):
+            snapshots[value] = (clf.coef_.copy(), np.atleast_1d(clf.intercept_).copy())
         score = float(scorer(clf, X_val, y_val))
         evaluated.append((value, score))
         if tie_break == "log_loss":
