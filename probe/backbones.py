@@ -28,14 +28,12 @@ import torch
 from torch import nn
 
 from .cache import FeatureSpace
+from .defaults import DEFAULT_BACKBONE, PENULTIMATE, POOLINGS
 from .errors import BackboneNotFoundError, ProbeError, WeightsUnavailableError
 from .preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "efficientnet-lite0"
-PENULTIMATE = "penultimate"
-POOLINGS = ("avg", "max", "cls", "flatten", "none")
 _TRANSFORMER_PREFIXES = ("vit", "swin", "maxvit")
 
 
@@ -296,7 +294,8 @@ def _build_tv(arch: str, weights: str | None):
             path = str(_tv_hub_path(wenum))
         elif wenum is not None:
             try:
-                wenum.get_state_dict(progress=False, check_hash=True)
+                with contextlib.redirect_stderr(io.StringIO()):  # torch.hub announces the download on stderr
+                    wenum.get_state_dict(progress=False, check_hash=True)
             except Exception as e:
                 raise WeightsUnavailableError(
                     f"tv:{arch}: pretrained weights are not on this machine and the download failed "

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import click
 
+from .defaults import DEFAULT_BACKBONE, DEFAULT_CACHE, POOLINGS
 from .errors import ProbeError
-
-DEFAULT_CACHE = "cache"
 
 
 class ProbeGroup(click.Group):
@@ -40,8 +39,6 @@ def cli(verbose):
 
 
 def backbone_options(f):
-    from .backbones import DEFAULT_BACKBONE, POOLINGS
-
     opts = [
         click.option("--backbone", "-b", default=DEFAULT_BACKBONE, show_default=True,
                      help="Registry name (see `probe backbones`)."),

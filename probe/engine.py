@@ -131,9 +131,12 @@ class _Inputs(Dataset):
 
     def __getitem__(self, i):
         try:
-            return i, self.preprocess(decode_image(self.items[i], self.max_pixels)), None
+            return i, self.preprocess(decode_image(self.items[i], self.max_pixels), self.max_pixels), None
         except ImageDecodeError as e:
-            return i, None, str(e)
+            msg = str(e)
+            if msg.startswith("<image>:") and not isinstance(self.items[i], Image.Image):
+                msg = f"{self.items[i]}{msg[len('<image>'):]}"
+            return i, None, msg
         except Exception as e:  # a decoder bug must not kill the run: report the input instead
             return i, None, f"{self.items[i]}: {type(e).__name__}: {e}"
 

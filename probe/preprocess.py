@@ -61,11 +61,24 @@ class Preprocess:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        """PIL RGB image -> float32 array of shape (3, crop, crop)."""
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """Size after resizing the shorter side to ``resize`` (before the center crop)."""
+        scale = self.resize / min(width, height)
+        return max(self.resize, round(width * scale)), max(self.resize, round(height * scale))
+
+    def __call__(self, image: Image.Image, max_pixels: int | None = None) -> np.ndarray:
+        """PIL RGB image -> float32 array of shape (3, crop, crop).
+
+        With ``max_pixels``, an image whose *resized* size would exceed it (an extreme aspect ratio such as
+        10000x1 becomes ~2.2M x 224) is refused with :class:`ImageDecodeError` instead of allocating gigabytes.
+        """
         w, h = image.size
-        scale = self.resize / min(w, h)
-        size = (max(self.resize, round(w * scale)), max(self.resize, round(h * scale)))
+        size = self.resized_size(w, h)
+        if max_pixels is not None and size[0] * size[1] > max_pixels:
+            raise ImageDecodeError(
+                f"{image.filename if getattr(image, 'filename', '') else '<image>'}: {w}x{h} would be resized to "
+                f"{size[0]}x{size[1]}, over the pixel limit of {max_pixels} (extreme aspect ratio)"
+            )
         if size != (w, h):
             image = image.resize(size, _INTERPOLATION[self.interpolation])
         left = (size[0] - self.crop) // 2

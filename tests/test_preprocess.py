@@ -183,3 +183,17 @@ def test_decompression_bomb_header_is_refused_without_decoding(tmp_path):
         decode_image(bomb.read_bytes())
     assert Image.MAX_IMAGE_PIXELS == before  # the temporary limit is restored
     assert DEFAULT_MAX_PIXELS < 100_000 * 100_000
+
+
+def test_extreme_aspect_ratio_is_refused_before_resizing(tmp_path):
+    from probe.engine import Extractor
+
+    from conftest import TINY, make_image
+
+    long = make_image(tmp_path / "long.png", seed=1, size=(4000, 1))
+    ok = make_image(tmp_path / "ok.png", seed=2, size=(40, 30))
+    # 4000x1 -> 128000x32 after resizing the short side to 32: 4.1 M pixels, over a 1 M limit the input itself
+    # (4000 pixels) is far below.
+    fs = Extractor(TINY, tmp_path / "cache", device="cpu", max_pixels=1_000_000).extract([long, ok])
+    assert fs.paths == [str(ok)]
+    assert len(fs.failures) == 1 and "long.png" in fs.failures[0].error and "aspect ratio" in fs.failures[0].error

@@ -1,0 +1,7 @@
+"""Torch-free names shared by the library and the CLI, so `probe --help` and `probe cache ...` start without
+importing torch."""
+
+DEFAULT_BACKBONE = "efficientnet-lite0"
+DEFAULT_CACHE = "cache"
+PENULTIMATE = "penultimate"  # the default feature: the classifier's input
+POOLINGS = ("avg", "max", "cls", "flatten", "none")  # reductions of a --layer output
