@@ -19,7 +19,7 @@ from sklearn.base import clone
 from .backbones import DEFAULT_BACKBONE
 from .errors import ProbeError, StrictModeError
 from .engine import ExtractStats, Extractor, FeatureSet
-from .heads import fit_head, head_description
+from .heads import fit_head, head_description, head_spec
 from .metrics import classification_metrics, format_report, plot_confusion_matrix
 from .model import ProbeModel, keys_digest
 from .sources import resolve
@@ -119,6 +119,9 @@ def fit(
     then the head is refit on train+val. ``value`` (e.g. C=0.5) skips the sweep. With ``output``, the model, its
     ``metrics.json`` and ``confusion_matrix.png`` are written there.
     """
+    if val is None and val_split <= 0 and value is None and head_spec(clf).param:
+        raise ProbeError(f"--val-split 0 leaves no data to choose {head_spec(clf).param} on; "
+                         "give --val DATA, a --val-split above 0, or a fixed --C / --alpha")
     ex = Extractor(backbone, cache, **extract_options)
     train = ex.extract(resolve(data), extract_missing=extract_missing)
     _check_failures(train, "training", strict)

@@ -67,6 +67,13 @@ def test_fixed_C_skips_the_sweep(train_folder, cache_dir):
     assert res.metrics["chosen"] == {"clf__C": 0.5}
 
 
+def test_no_validation_needs_a_fixed_value(train_folder, cache_dir):
+    with pytest.raises(ProbeError, match="val-split 0"):
+        probe.fit(train_folder, backbone=TINY, cache=cache_dir, val_split=0)
+    res = probe.fit(train_folder, backbone=TINY, cache=cache_dir, val_split=0, value=1.0, batch_size=8)
+    assert res.metrics["n_val"] == 0 and res.metrics["evaluated_on"].startswith("training data")
+
+
 def test_leakage_report_finds_planted_duplicate(train_folder, test_folder, cache_dir, tmp_path):
     planted = test_folder / "cat" / "planted.png"
     shutil.copy(train_folder / "dog" / "dog_003.png", planted)
