@@ -279,9 +279,10 @@ class Extractor:
             bad_keys = set()
         # Every record sharing a failed key failed too (same bytes).
         rows = []
+        reported = {f.index for f in failures}
         for i in ok_idx:
             if keys[i] in bad_keys:
-                if all(f.index != i for f in failures):
+                if i not in reported:
                     failures.append(Failure(i, _name(records[i]), "same bytes as an input that failed to decode"))
             else:
                 rows.append(i)
