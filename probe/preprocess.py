@@ -66,11 +66,13 @@ class Preprocess:
         scale = self.resize / min(width, height)
         return max(self.resize, round(width * scale)), max(self.resize, round(height * scale))
 
-    def __call__(self, image: Image.Image, max_pixels: int | None = None) -> np.ndarray:
-        """PIL RGB image -> float32 array of shape (3, crop, crop).
+    def resize_crop(self, image: Image.Image, max_pixels: int | None = None) -> np.ndarray:
+        """PIL RGB image -> uint8 array (crop, crop, 3): the geometric half of the preprocess.
 
-        With ``max_pixels``, an image whose *resized* size would exceed it (an extreme aspect ratio such as
-        10000x1 becomes ~2.2M x 224) is refused with :class:`ImageDecodeError` instead of allocating gigabytes.
+        The extraction engine ships these uint8 arrays (a quarter of float32's bytes) and normalizes whole
+        batches with :meth:`normalize`'s arithmetic on the device. With ``max_pixels``, an image whose *resized*
+        size would exceed it (an extreme aspect ratio such as 10000x1 becomes ~2.2M x 224) is refused with
+        :class:`ImageDecodeError` instead of allocating gigabytes.
         """
         w, h = image.size
         size = self.resized_size(w, h)
@@ -83,10 +85,17 @@ class Preprocess:
             image = image.resize(size, _INTERPOLATION[self.interpolation])
         left = (size[0] - self.crop) // 2
         top = (size[1] - self.crop) // 2
-        image = image.crop((left, top, left + self.crop, top + self.crop))
-        arr = np.asarray(image, dtype=np.float32) * (1.0 / 255.0)
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        return np.asarray(image.crop((left, top, left + self.crop, top + self.crop)), dtype=np.uint8)
+
+    def normalize(self, arr: np.ndarray) -> np.ndarray:
+        """uint8 (..., 3) -> float32 ``(x / 255 - mean) / std``, channels last. The engine applies the same three
+        float32 operations, in the same order, to batches in torch, so both give the same values."""
+        x = arr.astype(np.float32) / np.float32(255)
+        return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+    def __call__(self, image: Image.Image, max_pixels: int | None = None) -> np.ndarray:
+        """PIL RGB image -> normalized float32 array of shape (3, crop, crop)."""
+        return np.ascontiguousarray(self.normalize(self.resize_crop(image, max_pixels)).transpose(2, 0, 1))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
