@@ -197,3 +197,20 @@ def test_extreme_aspect_ratio_is_refused_before_resizing(tmp_path):
     fs = Extractor(TINY, tmp_path / "cache", device="cpu", max_pixels=1_000_000).extract([long, ok])
     assert fs.paths == [str(ok)]
     assert len(fs.failures) == 1 and "long.png" in fs.failures[0].error and "aspect ratio" in fs.failures[0].error
+
+
+def test_engine_batch_normalization_matches_per_image_preprocess_bitwise():
+    import torch
+
+    from probe.engine import to_model_input
+
+    pre = Preprocess(resize=24, crop=20, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (30, 26, 3), dtype=np.uint8)) for _ in range(3)]
+    per_image = np.stack([pre(im) for im in images])
+    crops = torch.from_numpy(np.stack([pre.resize_crop(im) for im in images]))
+    for channels_last in (True, False):
+        batch = to_model_input(crops, pre, torch.device("cpu"), channels_last)
+        assert batch.shape == (3, 3, 20, 20) and batch.dtype == torch.float32
+        assert batch.is_contiguous(memory_format=torch.channels_last) == channels_last
+        np.testing.assert_array_equal(batch.numpy(), per_image)
