@@ -203,6 +203,10 @@ class SweepResult:
     not_converged: tuple = ()  # values whose fit raised a ConvergenceWarning
     tie_break: str = "log_loss"
     log_losses: list[float] = field(default_factory=list)  # per evaluation, with tie_break="log_loss" only
+    # Validation probabilities of the best value's train-only fit (columns: ``val_classes``), when the
+    # classifier has predict_proba: the held-out report comes from them without another fit.
+    val_proba: np.ndarray | None = field(default=None, repr=False)
+    val_classes: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def curve(self) -> list[tuple[Any, float]]:
@@ -215,7 +219,8 @@ class SweepResult:
         return [v for v, _ in self.evaluated if v not in self.coarse_grid]
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in ("val_proba", "val_classes")}
         d["evaluated"] = [[_jsonable(v), float(s)] for v, s in self.evaluated]
         d["curve"] = [[_jsonable(v), float(s)] for v, s in self.curve]
         for key in ("coarse_grid", "not_converged"):
@@ -348,6 +353,7 @@ def _run_sweep(pipe: Pipeline, plan: _Plan, X_train, y_train, X_val, y_val, scor
     log_losses: list[float] = []
 
     snapshots: dict[Any, tuple[np.ndarray, np.ndarray]] = {}  # value -> solution, for warm starts
+    probas: dict[Any, np.ndarray] = {}  # value -> validation probabilities
 
     def evaluate(value):
         clf.set_params(**{plan.param: value})
@@ -366,8 +372,10 @@ def _run_sweep(pipe: Pipeline, plan: _Plan, X_train, y_train, X_val, y_val, scor
             snapshots[value] = (clf.coef_.copy(), np.atleast_1d(clf.intercept_).copy())
         score = float(scorer(clf, X_val, y_val))
         evaluated.append((value, score))
+        if hasattr(clf, "predict_proba"):
+            probas[value] = clf.predict_proba(X_val)
         if tie_break == "log_loss":
-            log_losses.append(_log_loss(clf, X_val, y_val))
+            log_losses.append(_log_loss(clf.classes_, probas[value], y_val))
         log.debug("sweep %s=%s: %s %.4f", plan.param, value, scoring, score)
 
     for value in plan.grid:
@@ -391,7 +399,7 @@ def _run_sweep(pipe: Pipeline, plan: _Plan, X_train, y_train, X_val, y_val, scor
         param=f"clf__{plan.param}", evaluated=evaluated, best_value=best_value, best_score=best_score,
         n_fits=len(evaluated), seconds=time.perf_counter() - t0, scoring=scoring, coarse_grid=plan.grid,
         stronger=plan.stronger, not_converged=tuple(dict.fromkeys(not_converged)), tie_break=tie_break,
-        log_losses=log_losses,
+        log_losses=log_losses, val_proba=probas.get(best_value), val_classes=getattr(clf, "classes_", None),
     )
 
 
@@ -405,10 +413,9 @@ def _best(evaluated: list[tuple[Any, float]], stronger: str | None, log_losses=(
     return max(enumerate(evaluated), key=key)[1]
 
 
-def _log_loss(clf, X_val, y_val) -> float:
+def _log_loss(classes, proba, y_val) -> float:
     """Mean negative log probability of the true class; labels the classifier never saw count as probability 0."""
-    proba = clf.predict_proba(X_val)
-    index = {c: i for i, c in enumerate(clf.classes_.tolist())}
+    index = {c: i for i, c in enumerate(classes.tolist())}
     cols = np.array([index.get(v, -1) for v in np.asarray(y_val).tolist()])
     p = np.where(cols >= 0, proba[np.arange(len(cols)), np.maximum(cols, 0)], 0.0)
     return float(-np.log(np.clip(p, 1e-15, 1.0)).mean())
@@ -517,7 +524,7 @@ def fit_head(name: str, X, y, *, X_val=None, y_val=None, val_split: float = 0.1,
     calibrated = not hasattr(final.steps[-1][1], "predict_proba")
     if calibrated:
         final.steps[-1] = ("clf", _calibrated(final.steps[-1][1], y_all, name))
-    final.fit(X_all, y_all)
+    final.fit(X_all, y_all)  # cold: warm-starting from the sweep's solution saved no time (lbfgs, measured)
     return HeadFit(
         estimator=final, sweep=result, chosen=chosen, n_train=len(X_tr), n_val=len(X_va),
         fit_seconds=time.perf_counter() - t0, refit_on_train_val=True, name=name, calibrated=calibrated,

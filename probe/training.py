@@ -154,9 +154,14 @@ def fit(
     head = hf.estimator
 
     if X_va is not None:
-        # Held-out metrics: the chosen setting fit on train only, scored on validation (before the refit).
-        held = clone(head).fit(X_tr, y_tr) if len(y_va) else None
-        metrics = classification_metrics(y_va, held.predict_proba(X_va), held.classes_)
+        # Held-out metrics: the chosen setting fit on train only, scored on validation (before the refit). The
+        # sweep already made that fit and kept its validation probabilities; otherwise fit it here.
+        if hf.sweep is not None and hf.sweep.val_proba is not None:
+            proba, classes = hf.sweep.val_proba, hf.sweep.val_classes
+        else:
+            held = clone(head).fit(X_tr, y_tr)
+            proba, classes = held.predict_proba(X_va), held.classes_
+        metrics = classification_metrics(y_va, proba, classes)
         metrics["evaluated_on"] = "validation (head fit on train only, before the train+val refit)"
     else:
         metrics = classification_metrics(y_tr, head.predict_proba(X_tr), head.classes_)

@@ -120,3 +120,21 @@ def test_cli_fit_and_evaluate(train_folder, test_folder, cache_dir, tmp_path):
 def test_cli_fit_rejects_bad_params_json(train_folder, cache_dir):
     r = invoke("fit", train_folder, "-b", TINY, "--cache", cache_dir, "--params", "{nope", expect=2)
     assert "not valid JSON" in r.output
+
+
+def test_held_out_report_reuses_the_sweep_fit(train_folder, cache_dir, monkeypatch):
+    """The validation metrics come from the sweep's train-only fit at the chosen value, not from another fit."""
+    import probe.training as training
+
+    probe.extract(train_folder, TINY, cache_dir, batch_size=8)
+    seen = {}
+    real = training.classification_metrics
+
+    def spy(y_true, proba, classes):
+        seen["proba"] = proba
+        return real(y_true, proba, classes)
+
+    monkeypatch.setattr(training, "classification_metrics", spy)
+    monkeypatch.setattr(training, "clone", lambda est: pytest.fail("held-out metrics refit the head"))
+    res = probe.fit(train_folder, backbone=TINY, cache=cache_dir)
+    assert seen["proba"] is res.sweep.val_proba and res.metrics["n"] == res.metrics["n_val"]
