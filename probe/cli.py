@@ -39,25 +39,25 @@ def cli(verbose):
 
 
 def backbone_options(f):
-    opts = [
+    return _apply(f, [
         click.option("--backbone", "-b", default=DEFAULT_BACKBONE, show_default=True,
                      help="Registry name (see `probe backbones`)."),
         click.option("--weights", type=click.Path(dir_okay=False), default=None,
                      help="Local weights file (state_dict); its sha256 enters the cache identity."),
         click.option("--layer", default=None, help="Take this named submodule's output instead of the penultimate."),
         click.option("--pooling", type=click.Choice(POOLINGS), default=None, help="Reduce a --layer output."),
-    ]
+    ])
+
+
+def _apply(f, opts):
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
-def engine_options(f):
-    opts = [
-        click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=DEFAULT_CACHE,
-                     show_default=True, help="Feature cache folder."),
-        click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-                     help="Storage dtype of cached features."),
+def compute_options(f):
+    """How extraction runs: device, precision, batching, workers, limits, progress."""
+    return _apply(f, [
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
         click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True,
                      help="Mixed precision (auto: bf16/fp16 on CUDA, off on CPU)."),
@@ -67,21 +67,25 @@ def engine_options(f):
                      help="Decode/preprocess worker processes (default: 0 on small CPUs, more with a GPU)."),
         click.option("--max-pixels", type=click.IntRange(min=1), default=None,
                      help="Refuse larger images (decompression-bomb guard)."),
-        click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal)."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+        click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal)."),
+    ])
+
+
+def engine_options(f):
+    """Where features are stored, plus :func:`compute_options`."""
+    return _apply(compute_options(f), [
+        click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=DEFAULT_CACHE,
+                     show_default=True, help="Feature cache folder."),
+        click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+                     help="Storage dtype of cached features."),
+    ])
 
 
 def extractor_kwargs(o: dict) -> dict:
+    """Extractor keyword arguments from the options of :func:`backbone_options` / :func:`engine_options`."""
     from .preprocess import DEFAULT_MAX_PIXELS
 
-    return dict(
-        weights=o.get("weights"),
-        layer=o.get("layer"),
-        pooling=o.get("pooling"),
-        dtype=o["dtype"],
+    kwargs = dict(
         device=o["device"],
         amp=o["amp"],
         batch_size=o["batch_size"],
@@ -89,6 +93,8 @@ def extractor_kwargs(o: dict) -> dict:
         max_pixels=o["max_pixels"] or DEFAULT_MAX_PIXELS,
         progress=o["progress"],
     )
+    kwargs.update({k: o[k] for k in ("weights", "layer", "pooling", "dtype") if k in o})
+    return kwargs
 
 
 # -- commands ------------------------------------------------------------------------------------------------
@@ -210,6 +216,7 @@ def fit(data, clf, params, output, val, val_split, C, alpha, standardize, l2_nor
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=None,
               help="Write metrics.json and confusion_matrix.png here.")
 @click.option("--strict", is_flag=True, help="Fail on bad inputs and on overlap with the training data.")
+@compute_options
 @_model_options
 def evaluate(model, data, cache_dir, output_dir, strict, **o):
     """Report accuracy, balanced accuracy, macro-F1, top-5, ECE and per-class scores of MODEL on DATA."""
@@ -217,7 +224,7 @@ def evaluate(model, data, cache_dir, output_dir, strict, **o):
 
     m = _load_model(model, o)
     res = run_evaluate(m, list(data), cache=cache_dir or DEFAULT_CACHE, write=cache_dir is not None,
-                       strict=strict, output_dir=output_dir)
+                       strict=strict, output_dir=output_dir, **extractor_kwargs(o))
     click.echo(res.report)
     if res.leakage:
         click.echo(f"leakage: {len(res.leakage)} inputs were in the training data (e.g. {res.leakage[0].other_path})")
@@ -234,11 +241,7 @@ def evaluate(model, data, cache_dir, output_dir, strict, **o):
               help=f"Read cached features here and store new ones (default: read {DEFAULT_CACHE}/, write nothing).")
 @click.option("--evaluate", "show_eval", is_flag=True, help="Inputs carry labels: print the evaluation to stderr.")
 @click.option("--strict", is_flag=True, help="Exit non-zero when any input failed (rows are still written).")
-@click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
-@click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--workers", type=click.IntRange(min=0), default=None)
-@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
+@compute_options
 @_model_options
 def predict(model, inputs, fmt, top_k, output, cache_dir, show_eval, strict, **o):
     """Predict classes of INPUTS (files, folders, CSVs; `-` reads paths from stdin) with MODEL."""
@@ -254,8 +257,7 @@ def predict(model, inputs, fmt, top_k, output, cache_dir, show_eval, strict, **o
         else:
             items.append(item)
     res = run_predict(m, items, cache=cache_dir or DEFAULT_CACHE, write=cache_dir is not None, top_k=top_k,
-                      device=o["device"], amp=o["amp"], batch_size=o["batch_size"], workers=o["workers"],
-                      progress=o["progress"])
+                      **extractor_kwargs(o))
     if output:
         save_predictions(res, output, fmt)
     else:

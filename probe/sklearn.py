@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from .backbones import DEFAULT_BACKBONE
+from .defaults import DEFAULT_BACKBONE
+from .preprocess import DEFAULT_MAX_PIXELS
 
 
 class FeatureExtractor(TransformerMixin, BaseEstimator):
@@ -30,7 +31,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, *, weights=None, layer=None, pooling=None,
                  dtype: str = "float32", cache=None, write: bool = True, device=None, amp=None, batch_size=None,
-                 workers=None, progress: bool = False):
+                 workers=None, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False):
         self.backbone = backbone
         self.weights = weights
         self.layer = layer
@@ -42,6 +43,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.amp = amp
         self.batch_size = batch_size
         self.workers = workers
+        self.max_pixels = max_pixels
         self.progress = progress
 
     def extractor(self):
@@ -52,7 +54,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         if getattr(self, "_extractor_cache", (None,))[0] != params:
             ex = Extractor(self.backbone, self.cache, weights=self.weights, layer=self.layer, pooling=self.pooling,
                            dtype=self.dtype, device=self.device, amp=self.amp, batch_size=self.batch_size,
-                           workers=self.workers, write=self.write, progress=self.progress)
+                           workers=self.workers, write=self.write, max_pixels=self.max_pixels,
+                           progress=self.progress)
             self._extractor_cache = (params, ex)
         return self._extractor_cache[1]
 
