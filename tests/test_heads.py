@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from probe.errors import ProbeError
@@ -258,3 +259,24 @@ def test_heads_and_metrics_do_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class ThreadRecordingClassifier(LogisticRegression):
+    """Records the BLAS thread counts in force while it is fitted."""
+
+    seen: list = []
+
+    def fit(self, X, y, sample_weight=None):
+        from threadpoolctl import threadpool_info
+
+        ThreadRecordingClassifier.seen.append(
+            {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return super().fit(X, y, sample_weight)
+
+
+def test_heads_fit_with_one_blas_thread(data):
+    X, y, _, _ = data
+    ThreadRecordingClassifier.seen = []
+    fit_head("test_heads.ThreadRecordingClassifier", X, y, grid={"clf__C": [0.1, 1.0]})
+    assert len(ThreadRecordingClassifier.seen) == 3  # two sweep fits and the final refit
+    assert all(s <= {1} for s in ThreadRecordingClassifier.seen)
