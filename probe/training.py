@@ -19,7 +19,7 @@ from sklearn.base import clone
 from .backbones import DEFAULT_BACKBONE
 from .errors import ProbeError, StrictModeError
 from .engine import ExtractStats, Extractor, FeatureSet
-from .heads import fit_head, head_description, head_spec
+from .heads import blas_threads, fit_head, head_description, head_spec
 from .metrics import classification_metrics, format_report, plot_confusion_matrix
 from .model import ProbeModel, keys_digest
 from .sources import resolve
@@ -159,7 +159,8 @@ def fit(
         if hf.sweep is not None and hf.sweep.val_proba is not None:
             proba, classes = hf.sweep.val_proba, hf.sweep.val_classes
         else:
-            held = clone(head).fit(X_tr, y_tr)
+            with blas_threads():
+                held = clone(head).fit(X_tr, y_tr)
             proba, classes = held.predict_proba(X_va), held.classes_
         metrics = classification_metrics(y_va, proba, classes)
         metrics["evaluated_on"] = "validation (head fit on train only, before the train+val refit)"

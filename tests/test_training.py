@@ -138,3 +138,13 @@ def test_held_out_report_reuses_the_sweep_fit(train_folder, cache_dir, monkeypat
     monkeypatch.setattr(training, "clone", lambda est: pytest.fail("held-out metrics refit the head"))
     res = probe.fit(train_folder, backbone=TINY, cache=cache_dir)
     assert seen["proba"] is res.sweep.val_proba and res.metrics["n"] == res.metrics["n_val"]
+
+
+def test_every_head_fit_in_probe_fit_uses_one_blas_thread(train_folder, cache_dir):
+    from test_heads import ThreadRecordingClassifier
+
+    ThreadRecordingClassifier.seen = []
+    res = probe.fit(train_folder, "test_heads.ThreadRecordingClassifier", backbone=TINY, cache=cache_dir,
+                    batch_size=8)
+    assert res.sweep is None and len(ThreadRecordingClassifier.seen) == 2  # held-out fit + final refit
+    assert all(s <= {1} for s in ThreadRecordingClassifier.seen)
