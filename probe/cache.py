@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 
 from .errors import CacheCorruptError, CacheMismatchError, ProbeError
+from .files import atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -89,29 +90,6 @@ class FeatureSpace:
             if getattr(self, f.name) != getattr(other, f.name):
                 return f.name
         return None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -293,7 +271,7 @@ class FeatureStore:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-            _fsync_dir(self.segments_dir)
+            fsync_dir(self.segments_dir)
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -381,7 +359,7 @@ class FeatureStore:
         for p in old:
             if p != new:
                 p.unlink(missing_ok=True)
-        _fsync_dir(self.segments_dir)
+        fsync_dir(self.segments_dir)
         self._reset()
         return len(old), len(self.segment_files())
 
@@ -485,7 +463,7 @@ class FeatureCache:
             if not create:
                 raise ProbeError(f"{self.root}: no cached features for space {space.id} ({space.backbone})")
             (path / "segments").mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(path / SPACE_FILE, json.dumps(space.to_dict(), indent=2, sort_keys=True) + "\n")
+            atomic_write_text(path / SPACE_FILE, json.dumps(space.to_dict(), indent=2, sort_keys=True) + "\n")
         return self.open_path(path, expected=space)
 
     def open_path(self, path: str | os.PathLike, expected: FeatureSpace | None = None,

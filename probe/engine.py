@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from .cache import FeatureCache, FeatureSpace, FeatureStore
 from .errors import ImageDecodeError, ProbeError, StrictModeError
+from .files import atomic_write_text
 from .preprocess import DEFAULT_MAX_PIXELS, Preprocess, decode_image
 from .sources import MEMO_FILE, HashMemo, Record, hash_files, resolve
 
@@ -520,15 +521,10 @@ def extract(
 
 def write_run_report(path: str | os.PathLike, fs: FeatureSet) -> Path:
     """A machine-readable JSON summary of a run (counts, timings, every failure), written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = {
         "space": fs.space.id,
         "backbone": fs.space.backbone,
         "stats": asdict(fs.stats),
         "failures": [asdict(f) for f in fs.failures],
     }
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(body, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(body, indent=2) + "\n")

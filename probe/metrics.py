@@ -10,11 +10,12 @@ probability (Guo et al., 2017).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import f1_score, log_loss, precision_recall_fscore_support
+
+from .files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +131,9 @@ def plot_confusion_matrix(cm, classes, path, *, title: str | None = None) -> Pat
         ax.set_title(title)
     fig.tight_layout()
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 _HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy", "log_loss", "ece")

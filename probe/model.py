@@ -30,6 +30,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .errors import ModelCompatibilityError, ProbeError, UntrustedModelError
+from .files import atomic_path
 from .heads import SKOPS_TRUSTED_TYPES
 
 log = logging.getLogger(__name__)
@@ -159,18 +160,16 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
             joblib.dump(self.head, buf)
             head_bytes, head_name = buf.getvalue(), "head.joblib"
         manifest["head_file"] = head_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
-            z.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=_json_default))
+        with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=json_default))
             z.writestr(head_name, head_bytes)
             if self.train_keys is not None:
                 z.writestr("train-keys.txt", "\n".join(self.train_keys))
-        os.replace(tmp, path)
         return path
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps(default=...)`` for numpy scalars and arrays (anything else becomes its str)."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

@@ -17,6 +17,7 @@ from typing import IO, Sequence
 import numpy as np
 
 from .engine import FeatureSet
+from .files import atomic_write_text
 from .model import ProbeModel
 from .sources import Record, resolve
 
@@ -84,11 +85,6 @@ def write_predictions(result: PredictionResult, out: IO[str], fmt: str = "csv") 
 
 def save_predictions(result: PredictionResult, path: str | os.PathLike, fmt: str = "csv") -> Path:
     """Write predictions to ``path`` atomically (temporary file, then rename)."""
-    path = Path(path)
     buf = io.StringIO()
     write_predictions(result, buf, fmt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, buf.getvalue())

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 from sklearn.base import clone
 
-from .backbones import DEFAULT_BACKBONE
+from .defaults import DEFAULT_BACKBONE
 from .errors import ProbeError, StrictModeError
+from .files import atomic_write_text
 from .engine import ExtractStats, Extractor, FeatureSet
 from .heads import blas_threads, fit_head, head_description, head_spec
 from .metrics import classification_metrics, format_report, plot_confusion_matrix
-from .model import ProbeModel, keys_digest
+from .model import ProbeModel, json_default, keys_digest
 from .sources import resolve
 
 log = logging.getLogger(__name__)
@@ -253,27 +254,14 @@ def evaluate_features(model: ProbeModel, fs: FeatureSet, *, strict: bool = False
 
 def write_report_files(folder: Path, metrics: dict, classes) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    mpath = folder / "metrics.json"
-    tmp = mpath.with_name(f".tmp-{os.getpid()}-{mpath.name}")
-    tmp.write_text(json.dumps(metrics, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, mpath)
+    mpath = atomic_write_text(folder / "metrics.json", json.dumps(metrics, indent=2, default=json_default) + "\n")
     cpath = plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), [str(c) for c in classes],
                                   folder / "confusion_matrix.png")
     return {"metrics": mpath, "confusion_matrix": Path(cpath) if cpath else folder / "confusion_matrix.png"}
 
 
-def _jsonable(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
 def _sweep_dict(sweep) -> dict | None:
-    if sweep is None:
-        return None
-    return json.loads(json.dumps(sweep.to_dict() if hasattr(sweep, "to_dict") else vars(sweep), default=_jsonable))
+    return None if sweep is None else sweep.to_dict()
 
 
 def _headline(metrics: dict) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .backbones import Backbone
+from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,5 @@ def tuned_batch_size(backbone: Backbone, device: torch.device, precision: str, m
     log.info("batch-size tuning for %s on %s: %s -> %d", backbone.name, device,
              {k: round(v, 1) for k, v in rates.items()}, best)
     memo[key] = {"batch_size": best, "images_per_second": {str(k): v for k, v in rates.items()}}
-    tmp = memo_path.with_name(f".tmp-{os.getpid()}-{memo_path.name}")
-    memo_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(memo, indent=2))
-    os.replace(tmp, memo_path)
+    atomic_write_text(memo_path, json.dumps(memo, indent=2))
     return best
