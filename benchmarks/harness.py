@@ -305,7 +305,8 @@ def stats_columns(stats) -> dict:
     return {
         "new": stats.new, "cached": stats.cached, "files_hashed": stats.files_hashed,
         "model_batches": stats.model_batches, "batch_size": stats.batch_size, "workers": stats.workers,
-        "hash_s": s["hash"], "data_wait_s": s["data_wait"], "model_s": s["model"], "write_s": s["write"],
+        "hash_s": s["hash"], "tune_s": s["tune"], "data_wait_s": s["data_wait"], "model_s": s["model"],
+        "write_s": s["write"],
         "total_s": s["total"],
     }
 

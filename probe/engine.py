@@ -65,13 +65,16 @@ class ExtractStats:
     workers: int = 0
     device: str = "cpu"
     precision: str = "float32"
-    seconds: dict = field(default_factory=lambda: dict.fromkeys(("hash", "data_wait", "model", "write", "total"), 0.0))
+    seconds: dict = field(
+        default_factory=lambda: dict.fromkeys(("hash", "tune", "data_wait", "model", "write", "total"), 0.0))
 
     def summary(self) -> str:
         s = self.seconds
         return (
             f"{self.inputs} inputs ({self.unique} unique): {self.new} new, {self.cached} cached, {self.failed} failed | "
-            f"{s['total']:.1f}s total: hash {s['hash']:.1f}s, waiting for data {s['data_wait']:.1f}s, "
+            f"{s['total']:.1f}s total: hash {s['hash']:.1f}s, "
+            + (f"batch-size tuning {s['tune']:.1f}s, " if s["tune"] >= 0.05 else "")
+            + f"waiting for data {s['data_wait']:.1f}s, "
             f"model {s['model']:.1f}s, writing {s['write']:.1f}s | batch {self.batch_size}, workers {self.workers}, "
             f"{self.device}/{self.precision}"
         )
@@ -365,7 +368,9 @@ class Extractor:
 
     def _run_model(self, todo: list[int], records: list[Record], keys: list[str | None], stats: ExtractStats,
                    memory: dict[str, np.ndarray]):
+        t = time.perf_counter()
         bs = self._choose_batch_size(len(todo))
+        stats.seconds["tune"] = time.perf_counter() - t  # first run per device only: tuning.json remembers it
         stats.batch_size = bs
         cuda = self.device.type == "cuda"
         data = _Inputs([records[i].path for i in todo], self.backbone.preprocess, self.max_pixels)

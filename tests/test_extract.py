@@ -405,7 +405,7 @@ def test_write_run_report(image_folder, cache_dir, tmp_path):
     path = write_run_report(tmp_path / "sub" / "r.json", fs)
     body = json.loads(path.read_text())
     assert body["space"] == fs.space.id and body["stats"]["new"] == 2 and body["failures"] == []
-    assert set(body["stats"]["seconds"]) == {"hash", "data_wait", "model", "write", "total"}
+    assert set(body["stats"]["seconds"]) == {"hash", "tune", "data_wait", "model", "write", "total"}
     assert not list(path.parent.glob(".tmp-*"))
 
 
