@@ -100,8 +100,13 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
         key = (str(cache), write, tuple(sorted(options.items())))
         cached = getattr(self, "_extractor", None)
         if cached is None or cached[0] != key:
+            # The recorded weights file is where it was on the training machine; elsewhere the registry's own
+            # lookup finds the weights, and check_backbone refuses them unless their sha256 matches.
+            weights = self.backbone.get("weights_path")
+            if weights and not os.path.isfile(weights):
+                weights = None
             fe = FeatureExtractor(
-                backbone=self.backbone["name"], weights=self.backbone.get("weights_path"),
+                backbone=self.backbone["name"], weights=weights,
                 layer=self.backbone["layer"], pooling=self.backbone["pooling"], dtype=self.backbone["dtype"],
                 cache=cache, write=write, **options,
             )

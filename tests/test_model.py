@@ -91,6 +91,17 @@ def test_weights_digest_mismatch_is_refused(fitted, tmp_path):
         bad.predict(_paths(test)[:2])
 
 
+def test_model_moves_to_a_machine_where_the_weights_live_elsewhere(fitted, tmp_path):
+    res, test, _ = fitted
+
+    def elsewhere(m):
+        m["backbone"]["weights_path"] = "/training/machine/site-packages/weights.pth"
+
+    moved = load(_rewrite(res.path, tmp_path / "moved.probe", elsewhere))
+    paths = _paths(test)[:4]
+    np.testing.assert_array_equal(moved.predict_proba(paths), res.model.predict_proba(paths))
+
+
 def test_unknown_backbone_and_other_sklearn_are_refused(fitted, tmp_path):
     res, _, _ = fitted
 
