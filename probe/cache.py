@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from .errors import CacheCorruptError, CacheMismatchError, ProbeError
-from .files import atomic_write_text, fsync_dir
+from .files import atomic_path, atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -248,33 +248,22 @@ class FeatureStore:
             data = features.astype(self.space.dtype, copy=False)
         if not np.isfinite(data).all():  # finite float32 values beyond float16's range (65504) become inf
             raise ValueError(f"features overflow the storage dtype {self.space.dtype}; use dtype float32")
-        self.segments_dir.mkdir(parents=True, exist_ok=True)
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        tmp = self.segments_dir / f".tmp-{tag}.h5"
-        final = self.segments_dir / f"seg-{time.time_ns():020d}-{tag}.h5"
-        try:
-            with h5py.File(tmp, "w") as f:
-                f.attrs["format"] = FORMAT
-                f.attrs["format_version"] = FORMAT_VERSION
-                f.attrs["space"] = json.dumps(self.space.to_dict(), sort_keys=True)
-                f.attrs["space_digest"] = self.space.digest
-                f.attrs["rows"] = len(keys)
-                f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                f.attrs["features_sha256"] = hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
-                for k, v in (meta or {}).items():
-                    f.attrs[k] = str(v) if isinstance(v, str) else v
-                f.create_dataset("keys", data=np.array([k.encode() for k in keys], dtype="S64"))
-                f.create_dataset("features", data=data)
-                if paths is not None:
-                    f.create_dataset("paths", data=list(paths), dtype=h5py.string_dtype())
-                f.flush()
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-            fsync_dir(self.segments_dir)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        final = self.segments_dir / f"seg-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:12]}.h5"
+        # Written as .tmp-<pid>-<rand>-seg-....h5, fsync'ed, then renamed: readers only ever see complete segments.
+        with atomic_path(final) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["space"] = json.dumps(self.space.to_dict(), sort_keys=True)
+            f.attrs["space_digest"] = self.space.digest
+            f.attrs["rows"] = len(keys)
+            f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            f.attrs["features_sha256"] = hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+            for k, v in (meta or {}).items():
+                f.attrs[k] = str(v) if isinstance(v, str) else v
+            f.create_dataset("keys", data=np.array([k.encode() for k in keys], dtype="S64"))
+            f.create_dataset("features", data=data)
+            if paths is not None:
+                f.create_dataset("paths", data=list(paths), dtype=h5py.string_dtype())
         self.refresh()
         return final
 
