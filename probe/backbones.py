@@ -89,6 +89,12 @@ class Backbone:
         return _pool(captured[0], self.pooling)
 
 
+def autocast(device: torch.device, precision: str):
+    """Autocast context for a compute precision ('float32': disabled, 'bfloat16', 'float16')."""
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 class _StopForward(Exception):
     """Raised from a forward hook to skip the layers after the one whose output we want."""
 

@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .backbones import DEFAULT_BACKBONE, Backbone, load_backbone
+from .backbones import DEFAULT_BACKBONE, Backbone, autocast, load_backbone
 from .cache import FeatureCache, FeatureSpace, FeatureStore
 from .errors import ImageDecodeError, ProbeError, StrictModeError
 from .files import atomic_write_text
@@ -164,10 +164,16 @@ def to_model_input(batch: torch.Tensor, preprocess: Preprocess, device: torch.de
     :meth:`Preprocess.normalize`.
     """
     x = batch.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    mean, std = _mean_std(preprocess.mean, preprocess.std, device)
     x = x.div_(255).sub_(mean).div_(std)
     return x if channels_last else x.contiguous()
+
+
+@lru_cache(maxsize=16)
+def _mean_std(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalization constants as (1, 3, 1, 1) tensors on ``device``, made once rather than per batch."""
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1)  # noqa: E731
+    return as_tensor(mean), as_tensor(std)
 
 
 def pil_key(image: Image.Image) -> str:
@@ -382,7 +388,6 @@ class Extractor:
             pin_memory=cuda,
             prefetch_factor=4 if self.workers else None,
         )
-        autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.precision)
         failed: list[tuple[int, str]] = []
         writer = _WriterThread(self.store, self.segment_rows, self.space) if self.write else None
         bar = tqdm(total=len(todo), unit="img", desc="extract", disable=_bar_disabled(self.progress), leave=False)
@@ -394,9 +399,7 @@ class Extractor:
                 failed.extend((todo[i], err) for i, err in bad)
                 if batch is not None:
                     x = to_model_input(batch, self.backbone.preprocess, self.device, self.backbone.channels_last, cuda)
-                    with torch.inference_mode(), torch.autocast(
-                        self.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                    ):
+                    with torch.inference_mode(), autocast(self.device, self.precision):
                         feats = self.backbone.features(x)
                     feats = feats.float().cpu().numpy()
                     stats.model_batches += 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .backbones import Backbone
+from .backbones import Backbone, autocast
 from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,7 @@ def measure_throughput(backbone: Backbone, device: torch.device, batch_size: int
     fmt = torch.channels_last if backbone.channels_last else torch.contiguous_format
     crop = backbone.preprocess.crop
     x = torch.randn(batch_size, 3, crop, crop, device=device).contiguous(memory_format=fmt)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with torch.inference_mode(), autocast(device, precision):
         backbone.features(x)
         _sync(device)
         t0 = time.perf_counter()
