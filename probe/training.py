@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,12 +134,10 @@ def fit(
         _check_failures(val_fs, "validation", strict)
         leakage = find_leakage(train, val_fs)
         X_tr, y_tr, X_va, y_va = X_all, y_all, val_fs.features, val_fs.y
-        tr_idx = np.arange(len(train))
     elif val_split > 0:
         tr_idx, va_idx = split_by_key(train.keys, y_all, val_split, seed)
         X_tr, y_tr, X_va, y_va = X_all[tr_idx], y_all[tr_idx], X_all[va_idx], y_all[va_idx]
     else:
-        tr_idx = np.arange(len(train))
         X_tr, y_tr, X_va, y_va = X_all, y_all, None, None
     for leak in leakage:
         log.warning("leakage: %s (train) and %s (validation) have the same bytes", leak.train_path, leak.other_path)
@@ -148,10 +145,8 @@ def fit(
         raise StrictModeError(f"--strict: {len(leakage)} validation inputs also appear in the training data "
                               f"(e.g. {leakage[0].other_path} = {leakage[0].train_path})")
 
-    t = time.perf_counter()
     hf = fit_head(clf, X_tr, y_tr, X_val=X_va, y_val=y_va, value=value, params=params,
                   standardize=standardize, l2_normalize=l2_normalize, seed=seed)
-    fit_seconds = time.perf_counter() - t
     head = hf.estimator
 
     if X_va is not None:
@@ -179,7 +174,7 @@ def fit(
         "n_train": int(hf.n_train),
         "n_val": int(hf.n_val),
         "refit_on_train_val": bool(X_va is not None),
-        "fit_seconds": round(fit_seconds, 3),
+        "fit_seconds": round(hf.fit_seconds, 3),
         "inputs_cached": int(n_cached),
         "inputs_extracted": int(n_new),
         "leakage": len(leakage),
