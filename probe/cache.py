@@ -234,8 +234,11 @@ class FeatureStore:
         return SegmentWriter(self, rows_per_segment=rows_per_segment, max_seconds=max_seconds, meta=meta)
 
     def write_segment(self, keys: Sequence[str], features: np.ndarray, paths: Sequence[str] | None = None,
-                      meta: dict | None = None) -> Path | None:
-        """Write one complete segment atomically (temp file, fsync, rename) and index it."""
+                      meta: dict | None = None, name: str | None = None) -> Path | None:
+        """Write one complete segment atomically (temp file, fsync, rename) and index it.
+
+        ``name`` (``seg-*.h5``) replaces the default ``seg-<t>-<pid>-<rand>.h5``: a writer that names segments by
+        their content (the distributed engine) makes a retried write land on the same name."""
         keys = list(keys)
         if not keys:
             return None
@@ -248,7 +251,9 @@ class FeatureStore:
             data = features.astype(self.space.dtype, copy=False)
         if not np.isfinite(data).all():  # finite float32 values beyond float16's range (65504) become inf
             raise ValueError(f"features overflow the storage dtype {self.space.dtype}; use dtype float32")
-        final = self.segments_dir / f"seg-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:12]}.h5"
+        if name is not None and not (name.startswith("seg-") and name.endswith(".h5") and "/" not in name):
+            raise ValueError(f"segment name {name!r} must look like seg-*.h5")
+        final = self.segments_dir / (name or f"seg-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:12]}.h5")
         # Written as .tmp-<pid>-<rand>-seg-....h5, fsync'ed, then renamed: readers only ever see complete segments.
         with atomic_path(final) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT

@@ -132,13 +132,21 @@ def _backbone_line(spec) -> None:
               help="Rows per cache segment (a killed run loses at most one open segment).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Machine-readable JSON run report (default: <cache>/last-extract.json).")
-def extract(inputs, strict, segment_rows, report_path, **o):
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: a Ray cluster (pip install 'probe[ray]'), writing the same cache.")
+@click.option("--address", default=None,
+              help="--engine ray: cluster to use (auto, ray://HOST:10001; default: start a local one).")
+@click.option("--num-gpus-per-worker", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="--engine ray: GPUs per backbone actor (0: CPU actors).")
+@click.option("--actors", type=click.IntRange(min=1), default=None,
+              help="--engine ray: backbone actors (default: one per --num-gpus-per-worker GPUs, or per 4 CPUs).")
+def extract(inputs, strict, segment_rows, report_path, engine, address, num_gpus_per_worker, actors, **o):
     """Extract features of INPUTS (folders, CSV/TSV files, image files) into the cache."""
-    from .engine import Extractor, write_run_report
+    from .engine import write_run_report
     from .sources import resolve
 
+    ex = _extractor(engine, o, segment_rows, address, num_gpus_per_worker, actors)
     records = resolve(list(inputs))
-    ex = Extractor(o["backbone"], o["cache_dir"], segment_rows=segment_rows, **extractor_kwargs(o))
     fs = ex.extract(records)
     report = write_run_report(report_path or Path(o["cache_dir"]) / "last-extract.json", fs)
     click.echo(f"space {fs.space.id} ({fs.space.backbone}, {fs.space.dim}-d) in {o['cache_dir']}")
@@ -149,6 +157,27 @@ def extract(inputs, strict, segment_rows, report_path, **o):
         click.echo(f"failures listed in {report}")
     if strict and fs.failures:
         raise click.ClickException(f"--strict: {len(fs.failures)} inputs failed")
+
+
+def _extractor(engine, o, segment_rows, address, num_gpus, actors):
+    """The local Extractor or, for ``--engine ray``, a RayExtractor with the same feature options."""
+    ray_only = {"--address": address is not None, "--num-gpus-per-worker": bool(num_gpus), "--actors": actors}
+    if engine == "local":
+        given = [name for name, v in ray_only.items() if v]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} apply only to --engine ray")
+        from .engine import Extractor
+
+        return Extractor(o["backbone"], o["cache_dir"], segment_rows=segment_rows, **extractor_kwargs(o))
+    local_only = {"--device": o["device"] is not None, "--workers": o["workers"] is not None}
+    given = [name for name, v in local_only.items() if v]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} do not apply to --engine ray (use --num-gpus-per-worker, --actors)")
+    from .distributed import RayExtractor
+
+    kwargs = {k: v for k, v in extractor_kwargs(o).items() if k not in ("device", "workers")}
+    return RayExtractor(o["backbone"], o["cache_dir"], segment_rows=segment_rows, address=address,
+                        num_gpus_per_worker=num_gpus, actors=actors, **kwargs)
 
 
 def _model_options(f):
