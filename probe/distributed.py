@@ -314,13 +314,22 @@ class RayExtractor:
         return sink.failures
 
 
+def extract_ray(source, backbone: str = DEFAULT_BACKBONE, cache="cache", *, strict: bool = False,
+                **options) -> FeatureSet:
+    """:func:`probe.engine.extract` on Ray: a folder / CSV / file list into the cache, as a FeatureSet.
+
+    ``options`` are those of :class:`RayExtractor` (feature options as for the local engine, plus address, actors,
+    num_gpus_per_worker, max_retries)."""
+    return RayExtractor(backbone, cache, **options).extract(resolve(source), strict=strict)
+
+
 def _first_line(e: BaseException) -> str:
     for cause in (e.__cause__, e):
         if cause is not None and isinstance(getattr(cause, "cause", None), ProbeError):
             return str(cause.cause)
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    probe = [ln for ln in lines if "ProbeError" in ln or ln.startswith("probe.errors")]
-    return (probe or lines or [type(e).__name__])[-1][:500]
+    ours = [ln.split(": ", 1)[-1] for ln in lines if ln.startswith("probe.errors.")]  # a ProbeError in a worker
+    return (ours or lines or [type(e).__name__])[-1][:500]
 
 
 def _device(name: str):
