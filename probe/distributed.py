@@ -32,12 +32,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .backbones import DEFAULT_BACKBONE, load_backbone
-from .cache import FeatureCache, FeatureSpace, FeatureStore
-from .engine import ExtractStats, Failure, FeatureSet, resolve_precision
+from .backbones import load_backbone
+from .cache import FeatureCache, FeatureStore
+from .defaults import DEFAULT_BACKBONE
+from .engine import _DEFAULT, make_options, resolve_precision
 from .errors import ProbeError, StrictModeError
-from .preprocess import DEFAULT_MAX_PIXELS
+from .featureset import ExtractStats, Failure, FeatureSet
+from .options import ExtractOptions, OptionError
 from .sources import MEMO_FILE, HashMemo, Record, hash_files, resolve
+from .space import FeatureSpace
 
 try:  # the sink must subclass Ray's; without the extra the module still imports (and says how to install it)
     from ray.data import Datasink as _Datasink
@@ -89,54 +92,36 @@ class RayRun:
 class RayExtractor:
     """Extract on a Ray cluster (``address``: None starts a local one; ``"auto"``, ``"ray://host:10001"``).
 
-    Same feature options as :class:`probe.engine.Extractor` (backbone, weights, layer, pooling, dtype, amp,
-    batch_size, max_pixels, segment_rows). ``actors`` backbone actors run in parallel (default: one per ``num_gpus_per_worker``
-    GPUs of the cluster, or one per 4 CPUs, at least 1); ``max_retries`` bounds every task retry and actor
-    restart. An already-initialized Ray (``ray.init`` by the caller) is used as it is and left running.
+    Built from the same :class:`~probe.options.ExtractOptions` as :class:`probe.engine.Extractor` (or the same
+    keywords), so both engines land in the same feature space; ``device`` and ``workers`` do not apply (actors get
+    GPUs through ``num_gpus_per_worker``), and ``segment_rows`` caps the rows per block, hence per segment.
+    ``actors`` backbone actors run in parallel (default: one per ``num_gpus_per_worker`` GPUs of the cluster, or
+    one per 4 CPUs, at least 1); ``max_retries`` bounds every task retry and actor restart. An already-initialized
+    Ray (``ray.init`` by the caller) is used as it is and left running.
     """
 
-    def __init__(
-        self,
-        backbone: str = DEFAULT_BACKBONE,
-        cache: str | os.PathLike | FeatureCache = "cache",
-        *,
-        weights: str | None = None,
-        layer: str | None = None,
-        pooling: str | None = None,
-        dtype: str = "float32",
-        amp: str | bool | None = None,
-        batch_size: int | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        progress: bool | None = None,
-        address: str | None = None,
-        actors: int | None = None,
-        num_gpus_per_worker: float = 0,
-        segment_rows: int = 1024,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-    ):
+    def __init__(self, backbone: str | ExtractOptions = DEFAULT_BACKBONE, cache=_DEFAULT, *,
+                 address: str | None = None, actors: int | None = None, num_gpus_per_worker: float = 0,
+                 max_retries: int = DEFAULT_MAX_RETRIES, **options):
+        self.options = opts = make_options(backbone, cache, **options)
+        if opts.device is not None or opts.workers is not None:
+            raise OptionError("device and workers do not apply to the Ray engine (use num_gpus_per_worker, actors)")
+        if opts.cache is None or not opts.write:
+            raise OptionError("the Ray engine writes to a cache: give a cache folder and write=True")
         if num_gpus_per_worker < 0:
-            raise ProbeError(f"num_gpus_per_worker={num_gpus_per_worker} must be >= 0")
-        if actors is not None and actors < 1:
-            raise ProbeError(f"actors={actors} must be >= 1")
-        if batch_size is not None and batch_size < 1:
-            raise ProbeError(f"batch_size={batch_size} must be >= 1")
-        if segment_rows < 1:
-            raise ProbeError(f"segment_rows={segment_rows} must be >= 1")
+            raise OptionError(f"num_gpus_per_worker={num_gpus_per_worker} must be >= 0")
+        if actors is not None and (isinstance(actors, bool) or not isinstance(actors, int) or actors < 1):
+            raise OptionError(f"actors={actors!r} must be an integer >= 1")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise OptionError(f"max_retries={max_retries!r} must be an integer >= 0")
         import_ray()  # fail early, before loading anything, when the extra is missing
-        self.backbone_name = backbone
-        self.weights = str(weights) if weights is not None else None
-        self.layer, self.pooling, self.dtype, self.amp = layer, pooling, dtype, amp
-        self.cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
-        self.batch_size = batch_size
-        self.max_pixels = max_pixels
-        self.progress = progress
+        self.cache = FeatureCache(opts.cache)
         self.address = address
         self.actors = actors
         self.num_gpus = num_gpus_per_worker
-        self.segment_rows = segment_rows
         self.max_retries = max_retries
         # Loaded on the driver (CPU) for the feature space: weights digest, preprocess, dim.
-        self.backbone = load_backbone(backbone, weights, layer, pooling)
+        self.backbone = load_backbone(opts.backbone, opts.weights, opts.layer, opts.pooling)
         self.run = RayRun()
 
     # -- public ------------------------------------------------------------------------------------------
@@ -150,38 +135,41 @@ class RayExtractor:
         started = False
         try:
             device = "cuda" if self.num_gpus else "cpu"
-            if self.num_gpus and self.amp in (None, "auto", True):
+            if self.num_gpus and self.options.amp in ("auto", True):
                 started = self._connect(ray)  # bf16 or fp16 depends on the workers' GPUs: ask one
                 precision = self._gpu_precision(ray)
             else:
-                precision = resolve_precision(self.amp, _device(device))
-            space = self.backbone.feature_space(dtype=self.dtype, precision=precision)
+                precision = resolve_precision(self.options.amp, _device(device))
+            space = self.backbone.feature_space(dtype=self.options.dtype, precision=precision)
             store = self.cache.open(space)
+            self.cache.check_writable(space)
             stats = ExtractStats(inputs=len(records), device=f"ray/{device}", precision=precision)
             keys, failures = self._keys(records, stats)
-            store.refresh()
-            ok_idx = [i for i, k in enumerate(keys) if k is not None]
-            first: dict[str, int] = {}
-            for i in ok_idx:
-                first.setdefault(keys[i], i)
-            stats.unique = len(first)
-            todo = [i for k, i in first.items() if k not in store]
-            stats.cached = stats.unique - len(todo)
-            bad: dict[int, str] = {}
-            if todo:
-                started = self._connect(ray) or started
-                bad = self._run_job(ray, todo, records, keys, space, store, stats)
+            with store.lock():  # shared, as a local run holds it: compact/rm on this machine wait for the job
                 store.refresh()
+                ok_idx = [i for i, k in enumerate(keys) if k is not None]
+                first: dict[str, int] = {}
+                for i in ok_idx:
+                    first.setdefault(keys[i], i)
+                stats.unique = len(first)
+                todo = [first[k] for k in store.missing(first)]  # verified: a damaged row counts as missing
+                stats.cached = stats.unique - len(todo)
+                bad: dict[int, str] = {}
+                if todo:
+                    started = self._connect(ray) or started
+                    bad = self._run_job(ray, todo, records, keys, space, store, stats)
+                    store.refresh()
+                still_missing = set(store.missing(keys[i] for i in todo))
         finally:
             if started:
                 ray.shutdown()
         failures.extend(Failure(i, records[i].path, err) for i, err in sorted(bad.items()))
         bad_keys = {keys[i] for i in bad}
-        lost = [i for i in todo if keys[i] not in store and i not in bad]
+        lost = [i for i in todo if keys[i] in still_missing and i not in bad]
         failures.extend(Failure(i, records[i].path, f"{records[i].path}: not extracted (the Ray job lost it; rerun)")
                         for i in lost)
         bad_keys.update(keys[i] for i in lost)
-        stats.new = sum(1 for i in todo if keys[i] in store)
+        stats.new = sum(1 for i in todo if keys[i] not in still_missing)
         rows, reported = [], {f.index for f in failures}
         for i in ok_idx:
             if keys[i] in bad_keys:
@@ -230,15 +218,16 @@ class RayExtractor:
 
             return resolve_precision(amp, torch.device("cuda"))
 
-        return ray.get(worker_precision.remote(self.amp))
+        return ray.get(worker_precision.remote(self.options.amp))
 
     def _keys(self, records: list[Record], stats: ExtractStats) -> tuple[list[str | None], list[Failure]]:
         t = time.perf_counter()
-        memo = HashMemo(self.cache.root / MEMO_FILE)
+        memo = HashMemo.open(self.cache.root / MEMO_FILE)
         try:
             res = hash_files([r.path for r in records], memo)
         finally:
-            memo.close()
+            if memo is not None:
+                memo.close()
         failures = [Failure(i, records[i].path, err) for i, err in sorted(res.errors.items())]
         stats.files_hashed = res.read
         stats.seconds["hash"] = time.perf_counter() - t
@@ -260,10 +249,10 @@ class RayExtractor:
         small = cpus <= 2 * actors
         actor_cpus = 0.5 if small else 1.0
         task_cpus = 0.5 if small else 1.0
-        batch = self.batch_size or (128 if self.num_gpus else 8)
+        batch = self.options.batch_size or (128 if self.num_gpus else 8)
         # A few blocks per actor for balance; a block is at least a batch and at most segment_rows rows (a block
         # becomes one segment, so a killed job loses at most the blocks in flight).
-        rows = min(self.segment_rows, max(batch, math.ceil(n / (4 * actors))))
+        rows = min(self.options.segment_rows, max(batch, math.ceil(n / (4 * actors))))
         return actors, rows, actor_cpus, task_cpus
 
     def _run_job(self, ray, todo: list[int], records: list[Record], keys: list, space: FeatureSpace,
@@ -271,11 +260,11 @@ class RayExtractor:
         import pyarrow as pa
 
         actors, rows, actor_cpus, task_cpus = self._shape(ray, len(todo))
-        batch = self.batch_size or (128 if self.num_gpus else 8)
+        batch = self.options.batch_size or (128 if self.num_gpus else 8)
         stats.batch_size, stats.workers = batch, actors
         self.run.actors = actors
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = bool(self.progress)
+        ctx.enable_progress_bars = bool(self.options.progress)
         if not log.isEnabledFor(logging.INFO):  # Ray Data logs every execution plan at INFO on stderr
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         blocks = [
@@ -283,8 +272,9 @@ class RayExtractor:
                       "key": [keys[i] for i in todo[s:s + rows]]})
             for s in range(0, len(todo), rows)
         ]
+        o = self.options
         spec = {
-            "backbone": self.backbone_name, "weights": self.weights, "layer": self.layer, "pooling": self.pooling,
+            "backbone": o.backbone, "weights": o.weights, "layer": o.layer, "pooling": o.pooling,
             "dtype": space.dtype, "precision": space.precision, "digest": space.digest, "gpu": bool(self.num_gpus),
         }
         env = {CRASH_ONCE_ENV: os.environ[CRASH_ONCE_ENV]} if os.environ.get(CRASH_ONCE_ENV) else None
@@ -296,7 +286,7 @@ class RayExtractor:
             ds = ray.data.from_arrow(blocks)
             ds = ds.map_batches(
                 decode_batch, batch_size=None, batch_format="numpy", num_cpus=task_cpus, max_retries=retries,
-                fn_kwargs={"preprocess": self.backbone.preprocess, "max_pixels": self.max_pixels},
+                fn_kwargs={"preprocess": self.backbone.preprocess, "max_pixels": o.max_pixels},
             )
             ds = ds.map_batches(
                 BackboneActor, batch_size=batch, batch_format="numpy", fn_constructor_kwargs={"spec": spec},
@@ -314,13 +304,15 @@ class RayExtractor:
         return sink.failures
 
 
-def extract_ray(source, backbone: str = DEFAULT_BACKBONE, cache="cache", *, strict: bool = False,
+def extract_ray(source, backbone: str | ExtractOptions = DEFAULT_BACKBONE, cache=_DEFAULT, *, strict: bool = False,
                 **options) -> FeatureSet:
     """:func:`probe.engine.extract` on Ray: a folder / CSV / file list into the cache, as a FeatureSet.
 
-    ``options`` are those of :class:`RayExtractor` (feature options as for the local engine, plus address, actors,
-    num_gpus_per_worker, max_retries)."""
-    return RayExtractor(backbone, cache, **options).extract(resolve(source), strict=strict)
+    ``options`` are those of :class:`RayExtractor`: the ExtractOptions fields (or an ExtractOptions as
+    ``backbone``), plus address, actors, num_gpus_per_worker, max_retries. Options are checked before the inputs
+    are listed."""
+    extractor = RayExtractor(backbone, cache, **options)
+    return extractor.extract(resolve(source), strict=strict)
 
 
 def _first_line(e: BaseException) -> str:
@@ -471,11 +463,12 @@ class CacheSink(_Datasink):
         if not keys:
             return out
         store = _SegmentPublisher(Path(self.space_dir), FeatureSpace.from_dict(self.space), scan=False)
-        existing = sorted(store.segments_dir.glob(f"seg-*-ray-{keys_digest(keys)}.h5"))
-        if existing:  # a retried write whose first attempt was published: never publish the same rows twice
-            out.update(segment=existing[0].name, skipped=True)
-            return out
-        path = store.write_segment(keys, np.concatenate(feats), paths, meta=self.meta, name=segment_name(keys))
+        with store.lock():  # shared, like every writer: an exclusive compact/rm on this node waits
+            existing = sorted(store.segments_dir.glob(f"seg-*-ray-{keys_digest(keys)}.h5"))
+            if existing:  # a retried write whose first attempt was published: never publish the same rows twice
+                out.update(segment=existing[0].name, skipped=True)
+                return out
+            path = store.write_segment(keys, np.concatenate(feats), paths, meta=self.meta, name=segment_name(keys))
         out["segment"] = path.name
         return out
 

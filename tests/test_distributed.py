@@ -163,8 +163,9 @@ def test_cli_extract_engine_ray(local_ray, images, tmp_path):
 def test_cli_rejects_engine_options_that_do_not_apply(tmp_path):
     res = invoke("extract", tmp_path, "--address", "auto", "-b", TINY, expect=2)
     assert "--address apply only to --engine ray" in res.output
-    res = invoke("extract", tmp_path, "--engine", "ray", "--device", "cpu", "-b", TINY, expect=2)
-    assert "--device do not apply to --engine ray" in res.output
+    res = invoke("extract", tmp_path, "--engine", "ray", "--device", "cpu", "-b", TINY, expect=1)
+    assert res.output.strip() == (
+        "Error: device and workers do not apply to the Ray engine (use num_gpus_per_worker, actors)")
 
 
 def test_engine_ray_without_the_extra_says_how_to_install_it(images, tmp_path, monkeypatch):
