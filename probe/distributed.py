@@ -102,7 +102,7 @@ class RayExtractor:
 
     def __init__(self, backbone: str | ExtractOptions = DEFAULT_BACKBONE, cache=_DEFAULT, *,
                  address: str | None = None, actors: int | None = None, num_gpus_per_worker: float = 0,
-                 max_retries: int = DEFAULT_MAX_RETRIES, **options):
+                 max_retries: int = DEFAULT_MAX_RETRIES, check_space=None, **options):
         self.options = opts = make_options(backbone, cache, **options)
         if opts.device is not None or opts.workers is not None:
             raise OptionError("device and workers do not apply to the Ray engine (use num_gpus_per_worker, actors)")
@@ -120,6 +120,7 @@ class RayExtractor:
         self.actors = actors
         self.num_gpus = num_gpus_per_worker
         self.max_retries = max_retries
+        self.check_space = check_space  # called with (backbone, space) before any work, e.g. a model's check
         # Loaded on the driver (CPU) for the feature space: weights digest, preprocess, dim.
         self.backbone = load_backbone(opts.backbone, opts.weights, opts.layer, opts.pooling)
         self.run = RayRun()
@@ -141,6 +142,8 @@ class RayExtractor:
             else:
                 precision = resolve_precision(self.options.amp, _device(device))
             space = self.backbone.feature_space(dtype=self.options.dtype, precision=precision)
+            if self.check_space is not None:
+                self.check_space(self.backbone, space)
             store = self.cache.open(space)
             self.cache.check_writable(space)
             stats = ExtractStats(inputs=len(records), device=f"ray/{device}", precision=precision)

@@ -6,6 +6,7 @@ only when the [ray] extra is not installed.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import threading
@@ -174,3 +175,51 @@ def test_engine_ray_without_the_extra_says_how_to_install_it(images, tmp_path, m
     assert res.output.strip() == "Error: --engine ray needs Ray Data: pip install 'probe[ray]'"
     assert not (tmp_path / "c").exists()
 
+
+
+@pytest.fixture(scope="module")
+def model_path(images, tmp_path_factory):
+    import probe
+
+    root = tmp_path_factory.mktemp("ray-model")
+    return probe.fit(images, backbone=TINY, cache=root / "cache", batch_size=8, output=root / "model.probe").path
+
+
+def test_batch_scoring_writes_blocks_and_a_manifest_and_resumes(local_ray, images, model_path, tmp_path):
+    import json
+
+    from probe.model import load
+    from probe.prediction import predict, write_predictions
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ("predict", model_path, images, "--engine", "ray", "-o", out, "--block-rows", 16, "--cache", cache)
+    res = run_bounded(lambda: invoke(*args))
+    assert "3 blocks: 3 written, 0 already there; 0 inputs failed" in res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = [b["file"] for b in manifest["blocks"]]
+    assert [(b["first_index"], b["inputs"], b["failed"]) for b in manifest["blocks"]] == [(0, 16, 0), (16, 16, 0),
+                                                                                         (32, 8, 0)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(files + ["manifest.json"])
+    # The blocks, in order, hold exactly the rows a local `probe predict` gives.
+    local = predict(load(model_path), images, cache=cache)
+    buf = io.StringIO()
+    write_predictions(local, buf)
+    header, *rows = buf.getvalue().splitlines()
+    got = [line for f in files for line in (out / f).read_text().splitlines()[1:]]
+    assert got == rows and all((out / f).read_text().splitlines()[0] == header for f in files)
+    # A rerun writes nothing; a lost block is written again, alone, without extracting anything.
+    stamps = {f: (out / f).stat().st_mtime_ns for f in files}
+    res = invoke(*args)
+    assert "3 blocks: 0 written, 3 already there" in res.output
+    (out / files[1]).unlink()
+    res = run_bounded(lambda: invoke(*args))
+    assert "3 blocks: 1 written, 2 already there" in res.output
+    assert (out / files[1]).read_text().splitlines()[1:] == rows[16:32]
+    assert {f: (out / f).stat().st_mtime_ns for f in (files[0], files[2])} == {f: stamps[f] for f in (files[0], files[2])}
+
+
+def test_batch_scoring_needs_an_output_folder(model_path, images):
+    res = invoke("predict", model_path, images, "--engine", "ray", expect=2)
+    assert "give -o DIR" in res.output
+    res = invoke("predict", model_path, images, "--block-rows", 5, expect=2)
+    assert "--block-rows apply only to --engine ray" in res.output
