@@ -75,14 +75,36 @@ def segments(cache) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ray_run(local_ray, images, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("ray-cache") / "cache"
-    return extract_ray(images, cache), cache
+    """A run on 15 of the images (a partial run) whose backbone actor is killed on its first batch, then the
+    rerun on all 40 into the same cache: (partial FeatureSet, full FeatureSet, cache, crash marker)."""
+    root = tmp_path_factory.mktemp("ray-cache")
+    cache, marker = root / "cache", root / "crashed"
+    os.environ[CRASH_ONCE_ENV] = str(marker)  # forwarded to this job's workers by the driver
+    try:
+        partial = extract_ray([r.path for r in resolve(images)][:15], cache)
+    finally:
+        del os.environ[CRASH_ONCE_ENV]
+    return partial, extract_ray(images, cache), cache, marker
+
+
+def test_a_worker_killed_once_is_restarted_and_the_run_completes(ray_run):
+    partial, _, cache, marker = ray_run
+    assert marker.exists()  # an actor really died (os._exit) on its first batch
+    assert (partial.stats.new, partial.stats.failed) == (15, 0)
+    report = FeatureCache(cache).open(partial.space, create=False).verify()
+    assert report.ok and report.rows == report.unique_rows == 40  # nothing lost, nothing written twice
+
+
+def test_rerun_after_a_partial_run_extracts_only_the_rest(ray_run):
+    partial, fs, _, _ = ray_run
+    assert (partial.stats.new, partial.stats.cached) == (15, 0)
+    assert (fs.stats.new, fs.stats.cached) == (25, 15)
 
 
 def test_ray_cache_equals_the_local_engines_row_for_row(ray_run, images, tmp_path):
-    fs, cache = ray_run
+    _, fs, cache, _ = ray_run
     local = Extractor(TINY, tmp_path / "local", progress=False).extract(resolve(images))
-    assert fs.stats.new == len(local) == 40 and not fs.failures
+    assert len(fs) == len(local) == 40 and not fs.failures
     assert fs.space == local.space and fs.space.id == local.space.id
     assert fs.keys == local.keys and fs.paths == local.paths and fs.labels == local.labels
     ray_store = FeatureCache(cache).open(fs.space, create=False)
@@ -96,31 +118,12 @@ def test_ray_cache_equals_the_local_engines_row_for_row(ray_run, images, tmp_pat
 
 
 def test_second_run_extracts_nothing(ray_run, images):
-    fs, cache = ray_run
+    _, fs, cache, _ = ray_run
     before = segments(cache)
     again = extract_ray(images, cache)
     assert (again.stats.new, again.stats.cached, again.stats.model_batches) == (0, 40, 0)
     assert segments(cache) == before
     np.testing.assert_array_equal(again.features, fs.features)
-
-
-def test_rerun_after_a_partial_run_extracts_only_the_rest(local_ray, images, tmp_path):
-    files = [r.path for r in resolve(images)]
-    first = extract_ray(files[:15], tmp_path / "cache")
-    assert first.stats.new == 15
-    rest = extract_ray(files, tmp_path / "cache")
-    assert (rest.stats.new, rest.stats.cached) == (25, 15)
-    assert FeatureCache(tmp_path / "cache").open(rest.space, create=False).verify().rows == 40
-
-
-def test_a_worker_killed_once_is_restarted_and_the_run_completes(local_ray, images, tmp_path, monkeypatch):
-    marker = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))
-    fs = extract_ray(images, tmp_path / "cache")
-    assert marker.exists()  # an actor really died (os._exit) on its first batch
-    assert fs.stats.new == 40 and not fs.failures
-    report = FeatureCache(tmp_path / "cache").open(fs.space, create=False).verify()
-    assert report.ok and report.rows == report.unique_rows == 40  # no row lost, none written twice
 
 
 def test_corrupt_inputs_are_reported_and_do_not_hang_the_job(local_ray, tmp_path):
@@ -155,10 +158,13 @@ def test_a_retried_write_does_not_publish_the_same_rows_twice(local_ray, tmp_pat
     assert sink.write([pa.table({})], None)["segment"] is None  # an empty block arrives without columns
 
 
-def test_cli_extract_engine_ray(local_ray, images, tmp_path):
-    res = run_bounded(lambda: invoke("extract", images, "--engine", "ray", "-b", TINY, "--cache", tmp_path / "c"))
-    assert "40 new, 0 cached, 0 failed" in res.output
-    assert segments(tmp_path / "c") and all("-ray-" in n for n in segments(tmp_path / "c"))
+def test_cli_extract_engine_ray(ray_run, images, tmp_path):
+    """The CLI reaches the Ray engine (a job through the CLI runs in the batch-scoring test below)."""
+    _, fs, cache, _ = ray_run
+    res = run_bounded(lambda: invoke("extract", images, "--engine", "ray", "-b", TINY, "--cache", cache,
+                                     "--report", tmp_path / "report.json"))
+    assert f"space {fs.space.id}" in res.output and "0 new, 40 cached, 0 failed" in res.output
+    assert '"cached": 40' in (tmp_path / "report.json").read_text()
 
 
 def test_cli_rejects_engine_options_that_do_not_apply(tmp_path):
@@ -178,11 +184,14 @@ def test_engine_ray_without_the_extra_says_how_to_install_it(images, tmp_path, m
 
 
 @pytest.fixture(scope="module")
-def model_path(images, tmp_path_factory):
+def model_path(ray_run, images, tmp_path_factory):
+    """A model trained (local engine) on the features the Ray run cached: same space, nothing to extract."""
     import probe
 
-    root = tmp_path_factory.mktemp("ray-model")
-    return probe.fit(images, backbone=TINY, cache=root / "cache", batch_size=8, output=root / "model.probe").path
+    out = tmp_path_factory.mktemp("ray-model") / "model.probe"
+    res = probe.fit(images, backbone=TINY, cache=ray_run[2], value=1.0, output=out)
+    assert res.metrics["inputs_extracted"] == 0
+    return res.path
 
 
 def test_batch_scoring_writes_blocks_and_a_manifest_and_resumes(local_ray, images, model_path, tmp_path):
