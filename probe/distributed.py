@@ -24,6 +24,7 @@ import hashlib
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -267,7 +268,8 @@ class RayExtractor:
         stats.batch_size, stats.workers = batch, actors
         self.run.actors = actors
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = bool(self.options.progress)
+        progress = self.options.progress
+        ctx.enable_progress_bars = sys.stderr.isatty() if progress is None else progress  # as the local engine
         if not log.isEnabledFor(logging.INFO):  # Ray Data logs every execution plan at INFO on stderr
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         blocks = [
