@@ -89,9 +89,13 @@ def crossover(rows: list[dict]) -> dict:
     measured = sorted(n for (e, n) in by if e == "ray" and by[("ray", n)] <= by.get(("local", n), float("inf")))
     a_loc, b_loc = _fit(rows, "local")
     a_ray, b_ray = _fit(rows, "ray")
+    sizes_measured = len({n for (e, n) in by if e == "ray"})
     if measured:
         text = f"Ray is no slower from {measured[0]} images (measured)"
         value = measured[0]
+    elif sizes_measured < 2:
+        value = float("nan")
+        text = "one size measured (smoke run): no crossover estimate"
     elif b_ray <= 0 or b_loc <= 0:  # noise at toy sizes
         value = float("nan")
         text = "not determinable from these sizes (wall time did not grow with size)"
