@@ -33,6 +33,7 @@ from .defaults import DEFAULT_CACHE
 from .errors import ModelCompatibilityError, ProbeError, UntrustedModelError
 from .files import atomic_path
 from .heads import SKOPS_TRUSTED_TYPES
+from .jsonable import json_default
 from .manifest import MANIFEST, ModelFormatError, check_manifest, read_member
 from .options import ExtractOptions
 
@@ -188,15 +189,6 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
             if self.train_keys is not None:
                 z.writestr(TRAIN_KEYS, "\n".join(self.train_keys))
         return path
-
-
-def json_default(o):
-    """``json.dumps(default=...)`` for numpy scalars and arrays (anything else becomes its str)."""
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

@@ -20,9 +20,11 @@ from .errors import ProbeError, StrictModeError
 from .files import atomic_write_text
 from .engine import Extractor, make_options
 from .featureset import ExtractStats, FeatureSet
-from .heads import blas_threads, fit_head, head_description, head_spec
+from .heads import blas_threads, head_description, head_spec
+from .sweep import fit_head
 from .metrics import classification_metrics, format_report, plot_confusion_matrix
-from .model import ProbeModel, json_default, keys_digest
+from .jsonable import json_default
+from .model import ProbeModel, keys_digest
 from .sources import resolve
 
 log = logging.getLogger(__name__)
@@ -57,14 +59,16 @@ class EvalResult:
     files: dict = field(default_factory=dict)
 
 
-def find_leakage(train: FeatureSet, other: FeatureSet, train_idx=None, other_idx=None) -> list[Leak]:
-    """Inputs whose bytes (cache key) appear on both sides."""
-    train_idx = range(len(train)) if train_idx is None else train_idx
-    other_idx = range(len(other)) if other_idx is None else other_idx
-    first = {}
-    for i in train_idx:
-        first.setdefault(train.keys[i], train.paths[i])
-    return [Leak(other.keys[j], first[other.keys[j]], other.paths[j]) for j in other_idx if other.keys[j] in first]
+def find_leakage(train: FeatureSet | dict[str, str], other: FeatureSet) -> list[Leak]:
+    """Inputs of ``other`` whose bytes (cache key) are also on the training side: a FeatureSet, or a mapping of
+    training keys to the path to report for each."""
+    if isinstance(train, FeatureSet):
+        first: dict[str, str] = {}
+        for k, p in zip(train.keys, train.paths):
+            first.setdefault(k, p)
+    else:
+        first = train
+    return [Leak(k, first[k], p) for k, p in zip(other.keys, other.paths) if k in first]
 
 
 def split_by_key(keys: list[str], labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -230,10 +234,7 @@ def evaluate_features(model: ProbeModel, fs: FeatureSet, *, strict: bool = False
                       output_dir: str | os.PathLike | None = None) -> EvalResult:
     metrics = classification_metrics(fs.y, model.predict_proba_features(fs.features), model.classes_)
     metrics["evaluated_on"] = "evaluation data"
-    leakage = []
-    if model.train_keys:
-        train = set(model.train_keys)
-        leakage = [Leak(k, "(training set)", p) for k, p in zip(fs.keys, fs.paths) if k in train]
+    leakage = find_leakage(dict.fromkeys(model.train_keys or (), "(training set)"), fs)
     metrics["leakage"] = len(leakage)
     for leak in leakage:
         log.warning("leakage: %s has the same bytes as a training input", leak.other_path)
