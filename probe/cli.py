@@ -306,6 +306,8 @@ def predict(model, inputs, fmt, top_k, output, cache, show_eval, strict, engine,
     elif any(ray_only.values()):
         raise click.UsageError(f"{', '.join(n for n, v in ray_only.items() if v)} apply only to --engine ray")
     elif output:
+        if Path(output).is_dir():  # -o names a file here (a folder only with --engine ray)
+            raise click.BadParameter(f"File {output!r} is a directory.", param_hint="'-o' / '--output'")
         check_output_target(output)  # refuse a symlink / device target before any work
     m = _load_model(model, o)
     records = []
