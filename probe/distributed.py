@@ -214,15 +214,15 @@ class RayExtractor:
         return True
 
     def _gpu_precision(self, ray) -> str:
-        @ray.remote(num_gpus=self.num_gpus, max_retries=self.max_retries)
-        def worker_precision(amp):
-            import torch
+        """bf16 or fp16, as the local engine would choose on one of the cluster's GPUs (asked by a GPU task)."""
+        self._check_gpus(ray)
+        remote = ray.remote(num_gpus=self.num_gpus, max_retries=self.max_retries)(gpu_precision)
+        return ray.get(remote.remote(self.options.amp))
 
-            from .engine import resolve_precision
-
-            return resolve_precision(amp, torch.device("cuda"))
-
-        return ray.get(worker_precision.remote(self.options.amp))
+    def _check_gpus(self, ray) -> None:
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        if gpus < self.num_gpus:  # a GPU request the cluster cannot meet would wait forever
+            raise ProbeError(f"num_gpus_per_worker={self.num_gpus:g}, but the Ray cluster has {gpus:g} GPUs")
 
     def _keys(self, records: list[Record], stats: ExtractStats) -> tuple[list[str | None], list[Failure]]:
         t = time.perf_counter()
@@ -241,8 +241,8 @@ class RayExtractor:
         """(actors, rows per block, CPUs per actor, CPUs per decode task) for ``n`` inputs on this cluster."""
         cpus = float(ray.cluster_resources().get("CPU", 1))
         gpus = float(ray.cluster_resources().get("GPU", 0))
-        if self.num_gpus and gpus < self.num_gpus:
-            raise ProbeError(f"--num-gpus-per-worker {self.num_gpus:g}: the Ray cluster has {gpus:g} GPUs")
+        if self.num_gpus:
+            self._check_gpus(ray)
         if self.actors is not None:
             actors = self.actors
         elif self.num_gpus:
@@ -344,6 +344,13 @@ def _meta() -> dict:
 
 
 # -- the Ray side: these run in worker processes ---------------------------------------------------------
+
+
+def gpu_precision(amp) -> str:
+    """The compute precision the local engine picks for ``amp`` on this worker's GPU."""
+    import torch
+
+    return resolve_precision(amp, torch.device("cuda"))
 
 
 def decode_batch(batch: dict, preprocess, max_pixels: int) -> dict:

@@ -23,6 +23,7 @@ pytest.importorskip("ray.data", reason="the [ray] extra is not installed (pip in
 from probe.cache import FeatureCache  # noqa: E402
 from probe.distributed import CRASH_ONCE_ENV, CacheSink, RayExtractor, keys_digest  # noqa: E402
 from probe.engine import Extractor  # noqa: E402
+from probe.errors import ProbeError  # noqa: E402
 from probe.sources import resolve  # noqa: E402
 
 JOB_TIMEOUT = 240  # seconds: a hung job fails the test instead of hanging the suite
@@ -139,6 +140,13 @@ def test_corrupt_inputs_are_reported_and_do_not_hang_the_job(local_ray, tmp_path
     assert "notes.jpg" in failed["notes.jpg"] and "truncated.png" in failed["truncated.png"]
     assert failed["notes_copy.jpg"] == "same bytes as an input that failed to decode"
     assert fs.stats.new == 5 and len(fs) == 5
+
+
+@pytest.mark.parametrize("amp", ["auto", "off"])
+def test_gpu_actors_on_a_cluster_without_gpus_fail_at_once(local_ray, images, tmp_path, amp):
+    ex = RayExtractor(TINY, tmp_path / "cache", num_gpus_per_worker=1, amp=amp)
+    with pytest.raises(ProbeError, match=r"^num_gpus_per_worker=1, but the Ray cluster has 0 GPUs$"):
+        run_bounded(lambda: ex.extract(resolve(images)), timeout=60)
 
 
 def test_a_retried_write_does_not_publish_the_same_rows_twice(local_ray, tmp_path):
