@@ -274,6 +274,8 @@ class RayExtractor:
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         blocks = [
             pa.table({"index": todo[s:s + rows], "path": [records[i].path for i in todo[s:s + rows]],
+                      # absolute: a worker on another node does not share the driver's working directory
+                      "file": [os.path.abspath(records[i].path) for i in todo[s:s + rows]],
                       "key": [keys[i] for i in todo[s:s + rows]]})
             for s in range(0, len(todo), rows)
         ]
@@ -283,7 +285,7 @@ class RayExtractor:
             "dtype": space.dtype, "precision": space.precision, "digest": space.digest, "gpu": bool(self.num_gpus),
         }
         env = {CRASH_ONCE_ENV: os.environ[CRASH_ONCE_ENV]} if os.environ.get(CRASH_ONCE_ENV) else None
-        sink = CacheSink(str(store.path), space.to_dict(), _meta())
+        sink = CacheSink(os.path.abspath(store.path), space.to_dict(), _meta())  # absolute, as the inputs
         retries = self.max_retries
         t = time.perf_counter()
         with warnings.catch_warnings():  # retry limits can only be passed as ray_remote_args (deprecated name)
@@ -361,13 +363,15 @@ def decode_batch(batch: dict, preprocess, max_pixels: int) -> dict:
     crop = preprocess.crop
     images = np.zeros((n, crop, crop, 3), dtype=np.uint8)
     errors = [""] * n
-    inputs = _Inputs([str(p) for p in batch.get("path", ())], preprocess, max_pixels)
+    files = [str(p) for p in batch.get("file", ())]
+    names = [str(p) for p in batch.get("path", ())]
+    inputs = _Inputs(files, preprocess, max_pixels)
     for j in range(n):
         _, arr, err = inputs[j]
         if err is None:
             images[j] = arr
-        else:
-            errors[j] = err
+        else:  # name the input as the user gave it, as the local engine does
+            errors[j] = names[j] + err[len(files[j]):] if err.startswith(files[j]) else err
     return {"index": batch.get("index", np.zeros(0, np.int64)), "path": batch.get("path", np.zeros(0, object)),
             "key": batch.get("key", np.zeros(0, object)), "image": images, "error": np.asarray(errors, dtype=object)}
 

@@ -127,17 +127,20 @@ def test_second_run_extracts_nothing(ray_run, images):
     np.testing.assert_array_equal(again.features, fs.features)
 
 
-def test_corrupt_inputs_are_reported_and_do_not_hang_the_job(local_ray, tmp_path):
+def test_corrupt_inputs_are_reported_and_do_not_hang_the_job(local_ray, tmp_path, monkeypatch):
+    """Also: relative paths work although the workers' working directory is not the driver's (as on a cluster)."""
     folder = tmp_path / "in"
     for i in range(5):
         make_image(folder / f"ok_{i}.png", seed=i)
     (folder / "notes.jpg").write_text("not an image\n")
     (folder / "truncated.png").write_bytes(make_image(tmp_path / "whole.png", seed=7, size=(64, 64)).read_bytes()[:200])
     (folder / "notes_copy.jpg").write_text("not an image\n")
-    fs = extract_ray(folder, tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)  # the local Ray's workers keep the directory the cluster started in
+    fs = extract_ray("in", "cache")
+    assert {f.path for f in fs.failures} == {"in/notes.jpg", "in/truncated.png", "in/notes_copy.jpg"}
     failed = {Path(f.path).name: f.error for f in fs.failures}
     assert set(failed) == {"notes.jpg", "truncated.png", "notes_copy.jpg"}
-    assert "notes.jpg" in failed["notes.jpg"] and "truncated.png" in failed["truncated.png"]
+    assert failed["notes.jpg"].startswith("in/notes.jpg: ") and failed["truncated.png"].startswith("in/truncated.png")
     assert failed["notes_copy.jpg"] == "same bytes as an input that failed to decode"
     assert fs.stats.new == 5 and len(fs) == 5
 
