@@ -1,6 +1,6 @@
 """Distributed extraction on Ray Data, writing the same cache a local run writes (``probe extract --engine ray``).
 
-    driver  records --hash (memo)--> keys --cache lookup--> misses (first record per key)
+    driver  records --hash (memo; cluster tasks for large runs)--> keys --cache lookup--> misses (first per key)
     Ray     (index, path, key) rows --decode + resize/crop (tasks)--> uint8 crops, or an error per row
             --backbone (actor pool: one model load per actor, a GPU each when asked)--> features, or an error
             --CacheSink (one segment per write task, named by its keys)--> <space>/segments/seg-<t>-ray-<d>.h5
@@ -40,7 +40,7 @@ from .engine import _DEFAULT, make_options, resolve_precision
 from .errors import ProbeError, StrictModeError
 from .featureset import ExtractStats, Failure, FeatureSet
 from .options import ExtractOptions, OptionError
-from .sources import MEMO_FILE, HashMemo, Record, hash_files, resolve
+from .sources import MEMO_FILE, HashMemo, HashResult, Record, hash_files, resolve
 from .space import FeatureSpace
 
 try:  # the sink must subclass Ray's; without the extra the module still imports (and says how to install it)
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "--engine ray needs Ray Data: pip install 'probe[ray]'"
 DEFAULT_MAX_RETRIES = 2
+#: From this many inputs on, files are stat'ed and hashed by cluster tasks instead of on the driver.
+DEFAULT_HASH_ON_CLUSTER = 20_000
 #: Test hook: when set to a file path, the first backbone actor to see a batch creates that file and exits
 #: abruptly (os._exit), as a killed worker would. Forwarded to the workers by the driver.
 CRASH_ONCE_ENV = "PROBE_RAY_CRASH_ONCE"
@@ -97,13 +99,15 @@ class RayExtractor:
     keywords), so both engines land in the same feature space; ``device`` and ``workers`` do not apply (actors get
     GPUs through ``num_gpus_per_worker``), and ``segment_rows`` caps the rows per block, hence per segment.
     ``actors`` backbone actors run in parallel (default: one per ``num_gpus_per_worker`` GPUs of the cluster, or
-    one per 4 CPUs, at least 1); ``max_retries`` bounds every task retry and actor restart. An already-initialized
-    Ray (``ray.init`` by the caller) is used as it is and left running.
+    one per 4 CPUs, at least 1); ``max_retries`` bounds every task retry and actor restart. From
+    ``hash_on_cluster`` inputs on, cluster tasks stat and hash the files (the driver only reads and writes the hash
+    memo). An already-initialized Ray (``ray.init`` by the caller) is used as it is and left running.
     """
 
     def __init__(self, backbone: str | ExtractOptions = DEFAULT_BACKBONE, cache=_DEFAULT, *,
                  address: str | None = None, actors: int | None = None, num_gpus_per_worker: float = 0,
-                 max_retries: int = DEFAULT_MAX_RETRIES, check_space=None, **options):
+                 max_retries: int = DEFAULT_MAX_RETRIES, hash_on_cluster: int = DEFAULT_HASH_ON_CLUSTER,
+                 check_space=None, **options):
         self.options = opts = make_options(backbone, cache, **options)
         if opts.device is not None or opts.workers is not None:
             raise OptionError("device and workers do not apply to the Ray engine (use num_gpus_per_worker, actors)")
@@ -121,6 +125,7 @@ class RayExtractor:
         self.actors = actors
         self.num_gpus = num_gpus_per_worker
         self.max_retries = max_retries
+        self.hash_on_cluster = hash_on_cluster
         self.check_space = check_space  # called with (backbone, space) before any work, e.g. a model's check
         # Loaded on the driver (CPU) for the feature space: weights digest, preprocess, dim.
         self.backbone = load_backbone(opts.backbone, opts.weights, opts.layer, opts.pooling)
@@ -148,7 +153,9 @@ class RayExtractor:
             store = self.cache.open(space)
             self.cache.check_writable(space)
             stats = ExtractStats(inputs=len(records), device=f"ray/{device}", precision=precision)
-            keys, failures = self._keys(records, stats)
+            if len(records) >= self.hash_on_cluster:
+                started = self._connect(ray) or started
+            keys, failures = self._keys(ray, records, stats)
             with store.lock():  # shared, as a local run holds it: compact/rm on this machine wait for the job
                 store.refresh()
                 ok_idx = [i for i, k in enumerate(keys) if k is not None]
@@ -224,11 +231,17 @@ class RayExtractor:
         if gpus < self.num_gpus:  # a GPU request the cluster cannot meet would wait forever
             raise ProbeError(f"num_gpus_per_worker={self.num_gpus:g}, but the Ray cluster has {gpus:g} GPUs")
 
-    def _keys(self, records: list[Record], stats: ExtractStats) -> tuple[list[str | None], list[Failure]]:
+    def _keys(self, ray, records: list[Record], stats: ExtractStats) -> tuple[list[str | None], list[Failure]]:
+        """Content keys; from ``hash_on_cluster`` inputs on, the files are stat'ed and hashed by cluster tasks
+        (the driver only looks up and stores the hash memo)."""
         t = time.perf_counter()
+        paths = [r.path for r in records]
         memo = HashMemo.open(self.cache.root / MEMO_FILE)
         try:
-            res = hash_files([r.path for r in records], memo)
+            if len(paths) >= self.hash_on_cluster:
+                res = self._hash_on_cluster(ray, paths, memo)
+            else:
+                res = hash_files(paths, memo)
         finally:
             if memo is not None:
                 memo.close()
@@ -236,6 +249,45 @@ class RayExtractor:
         stats.files_hashed = res.read
         stats.seconds["hash"] = time.perf_counter() - t
         return res.keys, failures
+
+    def _hash_on_cluster(self, ray, paths: list[str], memo: HashMemo | None) -> HashResult:
+        import pyarrow as pa
+
+        files = [os.path.abspath(p) for p in paths]
+        known = memo.lookup(files) if memo is not None else {}
+        rows = max(256, math.ceil(len(paths) / (8 * max(1.0, float(ray.cluster_resources().get("CPU", 1))))))
+        blocks = []
+        for s in range(0, len(paths), rows):
+            part = files[s:s + rows]
+            hits = [known.get(f) for f in part]
+            blocks.append(pa.table({
+                "index": list(range(s, s + len(part))), "path": paths[s:s + rows], "file": part,
+                "known_size": [h[0] if h else -1 for h in hits], "known_mtime_ns": [h[1] if h else -1 for h in hits],
+                "known_key": [h[2] if h else "" for h in hits],
+            }))
+        keys: list[str | None] = [None] * len(paths)
+        errors: dict[int, str] = {}
+        fresh, read = [], 0
+        with warnings.catch_warnings():  # the retry limit can only be passed as a ray_remote_args (deprecated)
+            warnings.simplefilter("ignore")
+            ds = ray.data.from_arrow(blocks).map_batches(hash_batch, batch_size=None, batch_format="numpy",
+                                                         num_cpus=0.5, max_retries=self.max_retries)
+            try:
+                for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    for j in range(len(b.get("index", ()))):
+                        i = int(b["index"][j])
+                        if b["error"][j]:
+                            errors[i] = str(b["error"][j])
+                        else:
+                            keys[i] = str(b["key"][j])
+                        if int(b["size"][j]) >= 0:  # hashed (not a memo hit): remember it
+                            read += 1
+                            fresh.append((files[i], int(b["size"][j]), int(b["mtime_ns"][j]), keys[i]))
+            except Exception as e:
+                raise ProbeError(f"hashing on the Ray cluster failed: {_first_line(e)}") from e
+        if memo is not None and fresh:
+            memo.store(fresh)
+        return HashResult(keys, errors, read)
 
     def _shape(self, ray, n: int) -> tuple[int, int, float, float]:
         """(actors, rows per block, CPUs per actor, CPUs per decode task) for ``n`` inputs on this cluster."""
@@ -346,6 +398,39 @@ def _meta() -> dict:
 
 
 # -- the Ray side: these run in worker processes ---------------------------------------------------------
+
+
+class _BlockMemo:
+    """The hash memo as :func:`hash_files` sees it in a cluster task: the driver's rows for this block's files;
+    rows it would store are collected and sent back to the driver."""
+
+    def __init__(self, known: dict[str, tuple[int, int, str]]):
+        self.known = known
+        self.fresh: dict[str, tuple[int, int]] = {}
+
+    def lookup(self, paths):
+        return {p: self.known[p] for p in paths if p in self.known}
+
+    def store(self, rows):
+        self.fresh.update((path, (size, mtime)) for path, size, mtime, _ in rows)
+
+
+def hash_batch(batch: dict) -> dict:
+    """Keys of one block of files (stat + sha256 where the driver's memo has no matching row)."""
+    files = [str(p) for p in batch.get("file", ())]
+    names = [str(p) for p in batch.get("path", ())]
+    known = {f: (int(sz), int(mt), str(k)) for f, sz, mt, k in zip(
+        files, batch.get("known_size", ()), batch.get("known_mtime_ns", ()), batch.get("known_key", ())) if k}
+    memo = _BlockMemo(known)
+    res = hash_files(files, memo)
+    errors = []
+    for j in range(len(files)):
+        err = res.errors.get(j, "")
+        errors.append(names[j] + err[len(files[j]):] if err.startswith(files[j]) else err)  # as the user named it
+    fresh = [memo.fresh.get(f) for f in files]
+    return {"index": batch.get("index", np.zeros(0, np.int64)), "key": np.asarray([k or "" for k in res.keys], object),
+            "error": np.asarray(errors, object), "size": np.asarray([f[0] if f else -1 for f in fresh], np.int64),
+            "mtime_ns": np.asarray([f[1] if f else -1 for f in fresh], np.int64)}
 
 
 def gpu_precision(amp) -> str:

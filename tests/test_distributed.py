@@ -24,7 +24,7 @@ from probe.cache import FeatureCache  # noqa: E402
 from probe.distributed import CRASH_ONCE_ENV, CacheSink, RayExtractor, keys_digest  # noqa: E402
 from probe.engine import Extractor  # noqa: E402
 from probe.errors import ProbeError  # noqa: E402
-from probe.sources import resolve  # noqa: E402
+from probe.sources import MEMO_FILE, HashMemo, Record, resolve, sha256_file  # noqa: E402
 
 JOB_TIMEOUT = 240  # seconds: a hung job fails the test instead of hanging the suite
 
@@ -123,12 +123,16 @@ def test_second_run_extracts_nothing(ray_run, images):
     before = segments(cache)
     again = extract_ray(images, cache)
     assert (again.stats.new, again.stats.cached, again.stats.model_batches) == (0, 40, 0)
+    assert again.stats.files_hashed == 0  # the driver's hash memo answered
+    on_cluster = extract_ray(images, cache, hash_on_cluster=1)  # cluster tasks answer from the same memo rows
+    assert (on_cluster.stats.files_hashed, on_cluster.stats.new, on_cluster.keys) == (0, 0, fs.keys)
     assert segments(cache) == before
     np.testing.assert_array_equal(again.features, fs.features)
 
 
 def test_corrupt_inputs_are_reported_and_do_not_hang_the_job(local_ray, tmp_path, monkeypatch):
-    """Also: relative paths work although the workers' working directory is not the driver's (as on a cluster)."""
+    """Also: relative paths work although the workers' working directory is not the driver's (as on a cluster),
+    and files are hashed by cluster tasks (hash_on_cluster=1) with the same keys, errors and memo rows."""
     folder = tmp_path / "in"
     for i in range(5):
         make_image(folder / f"ok_{i}.png", seed=i)
@@ -136,10 +140,17 @@ def test_corrupt_inputs_are_reported_and_do_not_hang_the_job(local_ray, tmp_path
     (folder / "truncated.png").write_bytes(make_image(tmp_path / "whole.png", seed=7, size=(64, 64)).read_bytes()[:200])
     (folder / "notes_copy.jpg").write_text("not an image\n")
     monkeypatch.chdir(tmp_path)  # the local Ray's workers keep the directory the cluster started in
-    fs = extract_ray("in", "cache")
-    assert {f.path for f in fs.failures} == {"in/notes.jpg", "in/truncated.png", "in/notes_copy.jpg"}
+    records = [*resolve("in"), Record("in/missing.png")]
+    fs = run_bounded(lambda: RayExtractor(TINY, "cache", hash_on_cluster=1).extract(records))
+    assert {f.path for f in fs.failures} == {"in/notes.jpg", "in/truncated.png", "in/notes_copy.jpg",
+                                             "in/missing.png"}
+    assert fs.failures[-1].error.startswith("in/missing.png: cannot read (")
+    assert fs.stats.files_hashed == 8
+    assert fs.keys == [sha256_file(p) for p in fs.paths]
+    memo = HashMemo(tmp_path / "cache" / MEMO_FILE)
+    assert len(memo.lookup([str(tmp_path / r.path) for r in records])) == 8
+    memo.close()
     failed = {Path(f.path).name: f.error for f in fs.failures}
-    assert set(failed) == {"notes.jpg", "truncated.png", "notes_copy.jpg"}
     assert failed["notes.jpg"].startswith("in/notes.jpg: ") and failed["truncated.png"].startswith("in/truncated.png")
     assert failed["notes_copy.jpg"] == "same bytes as an input that failed to decode"
     assert fs.stats.new == 5 and len(fs) == 5
