@@ -8,7 +8,7 @@ the cluster start-up is also reported on its own. The crossover is the smallest 
 no measured size gets there, a straight-line fit of wall time vs size says whether it ever would on this machine.
 
 The estimate for 10 million images on N GPU workers combines per-image costs measured here (sha256 of a typical
-JPEG's bytes on the driver, decode + resize/crop of that JPEG on one core, Ray's fixed costs) with *assumed* GPU
+JPEG's bytes, decode + resize/crop of that JPEG on one core, Ray's fixed costs) with *assumed* GPU
 forward throughput and CPU cores per GPU worker (stated in the table; no GPU was measured).
 """
 
@@ -144,9 +144,10 @@ def estimate(cfg: h.Config, rows: list[dict], ref) -> list[dict]:
     fixed = max([a_ray] + [r["start_s"] for r in ray_rows])
     decode_ips = ASSUMED_CORES_PER_WORKER / costs["decode_s_per_image"]
     worker_ips = min(ASSUMED_GPU_IPS, decode_ips)
-    hash_s = ESTIMATE_IMAGES * costs["hash_s_per_image"]  # on the driver, one core, before the job (cold memo)
     out = []
     for n in ESTIMATE_WORKERS:
+        # Cold memo: cluster tasks hash every file before the job starts, on all the workers' cores.
+        hash_s = ESTIMATE_IMAGES * costs["hash_s_per_image"] / (n * ASSUMED_CORES_PER_WORKER)
         job = ESTIMATE_IMAGES / (n * worker_ips)
         out.append({
             "engine": "estimate", "images": ESTIMATE_IMAGES, "workers": n, "estimate_wall_h": (fixed + hash_s + job) / 3600,
@@ -186,8 +187,10 @@ def section(results: dict) -> tuple[str, list[dict]]:
                      f"{h.fmt(1000 * h.num(e0['decode_s_per_image']))} ms of a {e0['assumed_jpeg']} JPEG "
                      f"({int(h.num(e0['jpeg_bytes'])) // 1000} KB) on one core, Ray fixed cost "
                      f"{h.fmt(h.num(e0['fixed_s']))} s; assumed: {h.fmt(h.num(e0['assumed_gpu_ips']))} img/s per "
-                     f"GPU and {e0['assumed_cores_per_worker']} decode cores per GPU worker. Hashing runs on the "
-                     "driver before the job (cold memo), so it does not shrink with more workers.", "",
+                     f"GPU and {e0['assumed_cores_per_worker']} decode cores per GPU worker. With a cold hash memo, "
+                     "cluster tasks hash every file on those cores before the job; not modelled: reading the files "
+                     f"(storage bandwidth: {h.num(e0['images']) * h.num(e0['jpeg_bytes']) / 1e12:.1f} TB, read "
+                     "twice, to hash and to decode) and the driver's own bookkeeping of every row.", "",
                  h.md_table([{"GPU workers": r["workers"], "per worker img/s": h.fmt(h.num(r["worker_ips"])),
                               "bound by": r["bound"], "hashing h": h.fmt(h.num(r["estimate_hash_h"])),
                               "job h": h.fmt(h.num(r["estimate_job_h"])),
