@@ -21,9 +21,10 @@ ray = pytest.importorskip("ray", reason="the [ray] extra is not installed (pip i
 pytest.importorskip("ray.data", reason="the [ray] extra is not installed (pip install 'probe[ray]')")
 
 from probe.cache import FeatureCache  # noqa: E402
-from probe.distributed import CRASH_ONCE_ENV, CacheSink, RayExtractor, keys_digest  # noqa: E402
+from probe.distributed import RayExtractor  # noqa: E402
 from probe.engine import Extractor  # noqa: E402
 from probe.errors import ProbeError  # noqa: E402
+from probe.ray_workers import CRASH_ONCE_ENV, CacheSink, keys_digest  # noqa: E402
 from probe.sources import MEMO_FILE, HashMemo, Record, resolve, sha256_file  # noqa: E402
 
 JOB_TIMEOUT = 240  # seconds: a hung job fails the test instead of hanging the suite
