@@ -166,6 +166,10 @@ def fit(
             with blas_threads():
                 held = clone(head).fit(X_tr, y_tr)
             proba, classes = held.predict_proba(X_va), held.classes_
+        unseen = sorted(set(np.asarray(y_va).tolist()) - set(np.asarray(classes).tolist()), key=str)
+        if unseen:  # validation-only classes: the train-only head gives them probability 0
+            proba = np.hstack([proba, np.zeros((len(proba), len(unseen)))])
+            classes = np.asarray(list(classes) + unseen, dtype=object)
         metrics = classification_metrics(y_va, proba, classes)
         metrics["evaluated_on"] = "validation (head fit on train only, before the train+val refit)"
     else:

@@ -103,7 +103,7 @@ def test_model_moves_to_a_machine_where_the_weights_live_elsewhere(fitted, tmp_p
 
 
 def test_unknown_backbone_and_other_sklearn_are_refused(fitted, tmp_path):
-    res, _, _ = fitted
+    res, test, _ = fitted
 
     def rename(m):
         m["backbone"]["name"] = "tv:resnet19"
@@ -117,7 +117,10 @@ def test_unknown_backbone_and_other_sklearn_are_refused(fitted, tmp_path):
     path = _rewrite(res.path, tmp_path / "b.probe", old_sklearn)
     with pytest.raises(ModelCompatibilityError, match="scikit-learn 0.24.2"):
         load(path)
-    assert load(path, check_versions=False).classes_ is not None
+    overridden = load(path, check_versions=False)
+    assert list(overridden.classes_) == list(res.model.classes_)
+    paths = _paths(test)
+    np.testing.assert_array_equal(overridden.predict_proba(paths), res.model.predict_proba(paths))
 
 
 class _Boom:
@@ -159,3 +162,18 @@ def test_not_a_model_file(tmp_path):
         load(p)
     with pytest.raises(ProbeError, match="no such model file"):
         load(tmp_path / "missing.probe")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("precision", "bfloat16", "precision=bfloat16"),
+    ("space_digest", "ab" * 32, "feature space abababababababab"),
+])
+def test_recorded_precision_and_feature_space_are_checked(fitted, tmp_path, field, value, message):
+    res, test, _ = fitted
+
+    def edit(m):
+        m["backbone"][field] = value
+
+    model = load(_rewrite(res.path, tmp_path / "edited.probe", edit))
+    with pytest.raises(ModelCompatibilityError, match=message):
+        model.predict_proba(_paths(test)[:2])
