@@ -25,7 +25,7 @@ from .sweep import fit_head
 from .metrics import classification_metrics, format_report, plot_confusion_matrix
 from .jsonable import json_default
 from .model import ProbeModel, keys_digest
-from .sources import resolve
+from .sources import Record, resolve
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +192,13 @@ def fit(
         "leakage": len(leakage),
         "sweep": _sweep_dict(hf.sweep),
     })
-    model = ProbeModel(
-        backbone=backbone_record(ex.space, ex.backbone.weights_path),
-        head=head,
+    model = ProbeModel.fitted(
+        backbone_record(ex.space, ex.backbone.weights_path),
+        head,
         meta={
             "head": {"name": clf, **head_description(head), "chosen": hf.chosen},
             "training": {
-                "source": [str(d) for d in (data if isinstance(data, (list, tuple)) else [data])],
+                "source": _sources(data),
                 "val_source": None if val is None else str(val),
                 "val_split": val_split if val is None else None,
                 "seed": seed,
@@ -210,6 +210,8 @@ def fit(
             "metrics": _headline(metrics),
         },
         train_keys=sorted(set(all_keys)),
+        cache=ex.options.cache, params=params, standardize=standardize, l2_normalize=l2_normalize,
+        val_split=val_split, value=value, seed=seed,
     )
     report = format_report(metrics, hf.sweep)
     result = FitResult(model, metrics, hf.sweep, leakage, train.stats, val_fs.stats if val_fs else None, report)
@@ -238,7 +240,7 @@ def evaluate_features(model: ProbeModel, fs: FeatureSet, *, strict: bool = False
                       output_dir: str | os.PathLike | None = None) -> EvalResult:
     metrics = classification_metrics(fs.y, model.predict_proba_features(fs.features), model.classes_)
     metrics["evaluated_on"] = "evaluation data"
-    leakage = find_leakage(dict.fromkeys(model.train_keys or (), "(training set)"), fs)
+    leakage = find_leakage(dict.fromkeys(model.train_keys_ or (), "(training set)"), fs)
     metrics["leakage"] = len(leakage)
     for leak in leakage:
         log.warning("leakage: %s has the same bytes as a training input", leak.other_path)
@@ -257,6 +259,14 @@ def write_report_files(folder: Path, metrics: dict, classes) -> dict:
     cpath = plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), [str(c) for c in classes],
                                   folder / "confusion_matrix.png")
     return {"metrics": mpath, "confusion_matrix": Path(cpath) if cpath else folder / "confusion_matrix.png"}
+
+
+def _sources(data) -> list[str]:
+    """How the training data was given, for the lineage: paths as given; records as the count of inputs."""
+    items = data if isinstance(data, (list, tuple)) else [data]
+    if items and all(isinstance(d, Record) for d in items):
+        return [f"{len(items)} inputs given as a list"]
+    return [str(d) for d in items]
 
 
 def _sweep_dict(sweep) -> dict | None:

@@ -104,8 +104,8 @@ def test_the_v1_model_file_loads_and_predicts_the_same(golden):
     import probe
 
     model = probe.load(golden / "model.probe", check_versions=False)
-    assert model.backbone["space_digest"] == SPACE_DIGEST and list(model.classes_) == ["cat", "dog", "fish"]
-    assert model.meta["format_version"] == 1 and sorted(model.train_keys) == sorted(KEYS.values())
+    assert model.backbone_["space_digest"] == SPACE_DIGEST and list(model.classes_) == ["cat", "dog", "fish"]
+    assert model.meta_["format_version"] == 1 and sorted(model.train_keys_) == sorted(KEYS.values())
     fs = probe.extract(golden / "images", TINY, cache=golden / "cache", write=False, device="cpu", progress=False)
     np.testing.assert_allclose(model.predict_proba_features(fs.features), PROBA, atol=1e-4)
 
@@ -122,10 +122,10 @@ def test_a_model_read_by_the_spec_alone(golden):
     exec(compile(code, "docs/model-format.md", "exec"), namespace)
     manifest, head, train_keys = namespace["read_model"](golden / "model.probe")
     model = probe.load(golden / "model.probe", check_versions=False)
-    assert manifest["backbone"] == model.backbone and manifest["classes"] == list(model.classes_)
-    assert train_keys == model.train_keys
+    assert manifest["backbone"] == model.backbone_ and manifest["classes"] == list(model.classes_)
+    assert train_keys == model.train_keys_
     X = np.random.default_rng(0).normal(size=(4, 32)).astype(np.float32)
-    np.testing.assert_array_equal(head.predict_proba(X), model.head.predict_proba(X))
+    np.testing.assert_array_equal(head.predict_proba(X), model.head_.predict_proba(X))
     with zipfile.ZipFile(golden / "model.probe") as z:
         assert set(z.namelist()) == {"probe-model.json", "head.skops", "train-keys.txt"}
 

@@ -56,8 +56,8 @@ def test_refit_uses_train_plus_val_and_records_lineage(train_folder, cache_dir):
     assert m["refit_on_train_val"] is True
     assert m["n_train"] + m["n_val"] == 36 and m["n_val"] == 9
     assert m["sweep"] is not None and len(m["sweep"]["evaluated"]) >= 7
-    assert res.model.meta["training"]["n_inputs"] == 36
-    assert len(res.model.train_keys) == 36
+    assert res.model.meta_["training"]["n_inputs"] == 36
+    assert len(res.model.train_keys_) == 36
 
 
 def test_final_head_is_fit_on_train_plus_val(train_folder, cache_dir, tmp_path):
