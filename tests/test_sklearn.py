@@ -72,3 +72,20 @@ def test_undecodable_input_raises(tmp_path, data):
     bad.write_bytes(b"not an image")
     with pytest.raises(StrictModeError, match="bad.png"):
         FeatureExtractor(TINY).transform([data[0][0], str(bad)])
+
+
+def test_parameters_are_exactly_the_extraction_options():
+    from probe.options import ExtractOptions
+
+    fe = FeatureExtractor(TINY, batch_size=3, cache="somewhere")
+    assert set(fe.get_params()) == set(ExtractOptions.names())
+    opts = fe.options()
+    assert (opts.backbone, opts.batch_size, opts.cache) == (TINY, 3, "somewhere")
+
+
+def test_bad_parameters_fail_before_anything_is_loaded(tmp_path):
+    from probe.errors import ProbeError
+
+    with pytest.raises(ProbeError, match="batch_size=0"):
+        FeatureExtractor(TINY, batch_size=0, cache=tmp_path / "c").transform(["x.png"])
+    assert not (tmp_path / "c").exists()
