@@ -105,6 +105,8 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
             weights = self.backbone.get("weights_path")
             if weights and not os.path.isfile(weights):
                 weights = None
+            # Decode as the training features were (a model saved before the field existed decoded exactly).
+            options.setdefault("decode", self.backbone["preprocess"].get("decode", "exact"))
             fe = FeatureExtractor(
                 backbone=self.backbone["name"], weights=weights,
                 layer=self.backbone["layer"], pooling=self.backbone["pooling"], dtype=self.backbone["dtype"],
