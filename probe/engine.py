@@ -209,6 +209,7 @@ class Extractor:
         decode: str | None = None,
         batch_size: int | None = None,
         workers: int | None = None,
+        threads: int | None = None,
         write: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         segment_rows: int = 1024,
@@ -227,6 +228,7 @@ class Extractor:
         self.store = self._open_store()
         self.batch_size = batch_size
         self.workers = default_workers(self.device) if workers is None else workers
+        self.threads = threads  # decode threads next to the model (None: loader.default_threads())
         self.max_pixels = max_pixels
         self.segment_rows = segment_rows
         self.progress = progress
@@ -358,7 +360,7 @@ class Extractor:
         stats.batch_size = bs
         cuda = self.device.type == "cuda"
         loader = iter_batches([records[i].path for i in todo], self.backbone.preprocess, bs, self.max_pixels,
-                              workers=self.workers)
+                              threads=self.threads, workers=self.workers)
         failed: list[tuple[int, str]] = []
         writer = _WriterThread(self.store, self.segment_rows, self.space) if self.write else None
         bar = tqdm(total=len(todo), unit="img", desc="extract", disable=_bar_disabled(self.progress), leave=False)
@@ -505,7 +507,7 @@ def extract(
     """Extract features of a folder / CSV / file list into the cache and return them as a FeatureSet.
 
     ``options`` are those of :class:`Extractor` (weights, layer, pooling, dtype, device, amp, decode, batch_size,
-    workers, write, max_pixels, segment_rows, progress).
+    workers, threads, write, max_pixels, segment_rows, progress).
     """
     records = resolve(source)
     return Extractor(backbone, cache, **options).extract(records, strict=strict)

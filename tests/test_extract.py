@@ -239,6 +239,70 @@ def test_options_that_change_features_change_the_space(cache_dir):
     assert f16.store.space.dtype == "float16"
 
 
+def test_decode_option_is_its_own_space_and_png_features_do_not_change(image_folder, cache_dir):
+    records = resolve(image_folder)[:6]
+    exact = tiny(cache_dir)
+    reduced = tiny(cache_dir, decode="reduced")
+    assert exact.backbone.preprocess.decode == "exact" and "decode" not in exact.space.preprocess
+    assert reduced.space.preprocess["decode"] == "reduced" and reduced.space.id != exact.space.id
+    a, b = exact.extract(records), reduced.extract(records)
+    assert b.stats.new == 6  # never answered from the exact space
+    np.testing.assert_array_equal(a.features, b.features)  # PNGs decode bitwise the same either way
+    with pytest.raises(ValueError, match="decode='fast'"):
+        tiny(cache_dir, decode="fast")
+
+
+def test_cli_decode_option_and_the_model_decodes_as_it_was_trained(image_folder, tmp_path):
+    from probe.model import load
+
+    cache = tmp_path / "cache"
+    out = invoke("extract", image_folder, "--backbone", TINY, "--cache", cache, "--decode", "reduced", *CPU_ARGS)
+    (space_json,) = (cache / "spaces").glob("*/space.json")
+    assert json.loads(space_json.read_text())["preprocess"]["decode"] == "reduced"
+    assert "24 new" in out.output
+    invoke("fit", image_folder, "--backbone", TINY, "--cache", cache, "--decode", "reduced", "--C", 1,
+           "--val-split", 0, "-o", tmp_path / "m.probe", *CPU_ARGS)
+    model = load(tmp_path / "m.probe")
+    assert model.backbone["preprocess"]["decode"] == "reduced"
+    ex = model.extractor(cache, device="cpu", progress=False)
+    assert ex.backbone.preprocess.decode == "reduced" and ex.space.digest == model.backbone["space_digest"]
+    fs = model.features(resolve(image_folder)[:3], cache=cache, device="cpu", progress=False)
+    assert fs.stats.cached == 3 and fs.stats.new == 0  # read from the reduced space it was trained on
+
+
+def test_a_model_trained_with_exact_decoding_keeps_it_when_the_default_changes(image_folder, tmp_path,
+                                                                               monkeypatch):
+    import dataclasses
+
+    from probe import backbones
+    from probe.model import load
+
+    records = resolve(image_folder)
+    invoke("fit", image_folder, "--backbone", TINY, "--cache", tmp_path / "cache", "--C", 1, "--val-split", 0,
+           "-o", tmp_path / "m.probe", *CPU_ARGS)
+    model = load(tmp_path / "m.probe")
+    assert "decode" not in model.backbone["preprocess"]  # as models saved before the field existed
+    spec = backbones._REGISTRY[TINY]
+
+    def build_reduced(weights):
+        net, pre, digest, path = spec.build(weights)
+        return net, dataclasses.replace(pre, decode="reduced"), digest, path
+
+    monkeypatch.setitem(backbones._REGISTRY, TINY, dataclasses.replace(spec, build=build_reduced))
+    assert backbones.load_backbone(TINY).preprocess.decode == "reduced"
+    fs = model.features(records, cache=tmp_path / "cache", device="cpu", progress=False)
+    assert fs.stats.cached == len(records)  # still the exact space it was trained on
+    assert model.extractor(tmp_path / "cache", device="cpu", progress=False).backbone.preprocess.decode == "exact"
+
+
+def test_pretrained_backbones_default_to_reduced_decoding():
+    from probe.backbones import DEFAULT_DECODE, _tv_preprocess, _tv_weights_enum
+
+    assert DEFAULT_DECODE == "reduced"
+    assert _tv_preprocess(_tv_weights_enum("resnet18")).decode == "reduced"
+    assert Extractor(TINY, None).backbone.preprocess.decode == "exact"  # the test backbone decodes exactly
+
+
 def test_float16_cache_round_trips(image_folder, tmp_path):
     records = resolve(image_folder)[:6]
     f32 = tiny(tmp_path / "a").extract(records)
