@@ -1,7 +1,7 @@
 """The batched extraction engine.
 
     records --hash (memo)--> keys --cache lookup--> misses
-    misses --DataLoader (decode + preprocess, optional workers)--> batches
+    misses --loader.iter_batches (decode + preprocess in threads ahead of the model, or worker processes)--> batches
     batches --frozen backbone (inference_mode, channels_last, AMP + pinned non_blocking copies on CUDA)--> features
     features --writer thread--> SegmentWriter (atomic segments) --> cache
 

@@ -6,18 +6,23 @@
 ``(crop, crop, 3)`` array or a one-line failure message naming it; batches keep the input order and cover
 ``batch_size`` consecutive inputs each (failures included), so memory stays flat in the number of inputs.
 
-Threads, not processes, by default (numbers on the 2-core CPU box, EfficientNet-Lite0 eager, 2 torch threads,
-preliminary: see benchmarks/bench_photos.py): ``DECODE_THREADS`` decode threads next to the model keep the
-data wait near zero on camera-sized JPEGs with reduced decoding, where decoding in the model's thread spent
-~20 % of the wall time waiting for data. Worker *processes* (``workers > 0``, torch's DataLoader) remain
-for machines with many cores feeding a GPU, where the GIL-holding parts of decoding (the Python around
-Pillow's calls, EXIF handling) could limit threads; on this 2-core machine they were slower than threads
-(process start-up plus pickling every crop).
+Threads, not processes, by default. Measured on the 2-core CPU box with EfficientNet-Lite0 eager and 3000x2000
+quality-90 JPEGs (benchmarks/bench_photos.py; preliminary: the box was shared with heavy other load, so wall-clock
+ratios were unstable, CPU times are the solid part): decoding + resizing costs ~13-18 CPU ms per image with
+reduced decoding (~66-72 exact), the forward pass ~38-40 CPU ms per image in one torch thread. Decoding in the
+model's thread adds its whole cost to every batch; one decode thread overlaps it with the forward pass. A second
+decode thread only adds contention on 2 cores (slower than one in every interleaved run), hence
+``DECODE_THREADS = 1`` on small machines. Since decoding and the model share the cores, no pipeline can exceed
+model / (model + decode) ~ 0.7 of the forward-only rate there. Lowering torch's threads by one next to the decode
+thread was faster under the heavy load (torch's OpenMP threads lose their core to the decode thread), but that is
+not measured on a quiet machine and would slow model-bound runs (small PNGs), so torch's threads are left alone.
+Worker *processes* (``workers > 0``, torch's DataLoader) remain the default with CUDA, where many cores feed a
+GPU and the GIL-holding parts of decoding (the Python around Pillow's calls, EXIF handling) could limit threads;
+that case is not measured here (no GPU on this machine).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -29,10 +34,7 @@ from PIL import Image
 from .errors import ImageDecodeError
 from .preprocess import DEFAULT_MAX_PIXELS, Preprocess
 
-log = logging.getLogger(__name__)
-
-#: Decode threads when the caller does not say (measured: 1 beat 2 on the 2-core box, where a second decode
-#: thread takes a core from the model's own threads; more cores leave room for more).
+#: Decode threads next to the model on machines with up to 4 cores (measured on 2 cores, see above).
 DECODE_THREADS = 1
 
 Batch = tuple[np.ndarray, "np.ndarray | None", list[tuple[int, str]]]
