@@ -1,7 +1,7 @@
 """The batched extraction engine.
 
     records --hash (memo)--> keys --cache lookup--> misses
-    misses --DataLoader (decode + preprocess, optional workers)--> batches
+    misses --loader.iter_batches (decode + preprocess in threads ahead of the model, or worker processes)--> batches
     batches --frozen backbone (inference_mode, channels_last, AMP + pinned non_blocking copies on CUDA)--> features
     features --writer thread--> SegmentWriter (atomic segments) --> cache
 
@@ -13,34 +13,36 @@ when asked.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
 import queue
 import threading
 import time
+from collections import deque
 from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, autocast, load_backbone
 from .cache import SPACE_FILE, FeatureCache, FeatureStore, SpaceNotFoundError
 from .defaults import DEFAULT_BACKBONE
-from .errors import ImageDecodeError, ProbeError, StrictModeError
+from .errors import ProbeError, StrictModeError
 from .featureset import ExtractStats, Failure, FeatureSet
 from .options import ExtractOptions
-from .preprocess import Preprocess, decode_image
+from .loader import iter_batches
+from .preprocess import Preprocess
 from .space import FeatureSpace
 from .sources import MEMO_FILE, HashMemo, Record, hash_files, resolve
 
 log = logging.getLogger(__name__)
 
-_DEFAULT = object()  # "cache not given": the options' default applies
+UNSET = _DEFAULT = object()  # "cache not given": the options' (or the options object's own) cache applies
 
 
 def _cache_root(cache) -> str | None:
@@ -63,44 +65,11 @@ def make_options(backbone: str | Backbone | ExtractOptions = DEFAULT_BACKBONE, c
 
 DEFAULT_CPU_BATCH = 8
 DEFAULT_CUDA_BATCH = 128
-AUTOTUNE_MIN_INPUTS = 64
+AUTOTUNE_MIN_INPUTS = 2000  # see _choose_batch_size
 TUNING_FILE = "tuning.json"
 
 
 # -- the data side -------------------------------------------------------------------------------------------
-
-
-class _Inputs(Dataset):
-    """Decode + resize + crop one input (a path or a PIL image) to uint8 HWC in a loader worker; failures are
-    returned, not raised. Normalization happens per batch on the device (:func:`to_model_input`)."""
-
-    def __init__(self, items: Sequence[str | Image.Image], preprocess: Preprocess, max_pixels: int):
-        self.items = items
-        self.preprocess = preprocess
-        self.max_pixels = max_pixels
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        try:
-            return i, self.preprocess.resize_crop(decode_image(self.items[i], self.max_pixels), self.max_pixels), None
-        except ImageDecodeError as e:
-            msg = str(e)
-            if msg.startswith("<image>:") and not isinstance(self.items[i], Image.Image):
-                msg = f"{self.items[i]}{msg[len('<image>'):]}"
-            return i, None, msg
-        except Exception as e:  # a decoder bug must not kill the run: report the input instead
-            return i, None, f"{self.items[i]}: {type(e).__name__}: {e}"
-
-
-def _collate(samples):
-    ok = [(i, a) for i, a, _ in samples if a is not None]
-    failed = [(i, err) for i, a, err in samples if a is None]
-    if not ok:
-        return torch.empty(0, dtype=torch.long), None, failed
-    idx = torch.tensor([i for i, _ in ok], dtype=torch.long)
-    return idx, torch.from_numpy(np.stack([a for _, a in ok])), failed
 
 
 def to_model_input(batch: torch.Tensor, preprocess: Preprocess, device: torch.device, channels_last: bool,
@@ -182,6 +151,9 @@ class Extractor:
         self.device = resolve_device(opts.device)
         self.precision = resolve_precision(opts.amp, self.device)
         self.backbone = loaded or load_backbone(opts.backbone, opts.weights, opts.layer, opts.pooling)
+        if opts.decode is not None and opts.decode != self.backbone.preprocess.decode:  # a separate space
+            pre = dataclasses.replace(self.backbone.preprocess, decode=opts.decode)
+            self.backbone = dataclasses.replace(self.backbone, preprocess=pre)
         self.backbone.to(self.device)
         self.space = self.backbone.feature_space(dtype=opts.dtype, precision=self.precision)
         self.cache = FeatureCache(opts.cache) if opts.cache is not None else None
@@ -189,6 +161,7 @@ class Extractor:
         self.store = self._open_store()
         self.batch_size = opts.batch_size
         self.workers = default_workers(self.device) if opts.workers is None else opts.workers
+        self.threads = opts.threads  # decode threads next to the model (None: loader.default_threads())
         self.max_pixels = opts.max_pixels
         self.segment_rows = opts.segment_rows
         self.progress = opts.progress
@@ -317,11 +290,16 @@ class Extractor:
         if self.batch_size is not None:
             return self.batch_size
         default = DEFAULT_CUDA_BATCH if self.device.type == "cuda" else DEFAULT_CPU_BATCH
-        if n < AUTOTUNE_MIN_INPUTS or self.cache is None:
-            return default
-        from .tuning import tuned_batch_size
+        from .tuning import remembered_batch_size, tuned_batch_size
 
-        return tuned_batch_size(self.backbone, self.device, self.precision, self.cache.root / TUNING_FILE, default)
+        # The memo is per machine (tuning.memo_file()); a cache folder's own tuning.json is an older memo.
+        # Tuning costs about as much as extracting 150-450 images with EfficientNet-Lite0 on the 2-core CPU
+        # (measured) and gains little over batch 8 there (4-16 ran alike), so it runs only for jobs big enough to
+        # amortize it (AUTOTUNE_MIN_INPUTS); smaller ones use what this machine remembers, or the default.
+        legacy = [self.cache.root / TUNING_FILE] if self.cache is not None else []
+        if n < AUTOTUNE_MIN_INPUTS or not self.write:
+            return remembered_batch_size(self.backbone, self.device, self.precision, legacy) or default
+        return tuned_batch_size(self.backbone, self.device, self.precision, None, default, also=legacy)
 
     def _run_model(self, todo: list[int], records: list[Record], keys: list[str | None], stats: ExtractStats,
                    memory: dict[str, np.ndarray]):
@@ -330,25 +308,21 @@ class Extractor:
         stats.seconds["tune"] = time.perf_counter() - t  # first run per device only: tuning.json remembers it
         stats.batch_size = bs
         cuda = self.device.type == "cuda"
-        data = _Inputs([records[i].path for i in todo], self.backbone.preprocess, self.max_pixels)
-        loader = DataLoader(
-            data,
-            batch_size=bs,
-            num_workers=self.workers,
-            collate_fn=_collate,
-            pin_memory=cuda,
-            prefetch_factor=4 if self.workers else None,
-        )
+        loader = iter_batches([records[i].path for i in todo], self.backbone.preprocess, bs, self.max_pixels,
+                              threads=self.threads, workers=self.workers)
         failed: list[tuple[int, str]] = []
         writer = _WriterThread(self.store, self.segment_rows, self.space) if self.write else None
         bar = tqdm(total=len(todo), unit="img", desc="extract", disable=_bar_disabled(self.progress), leave=False)
+        recent: deque = deque(maxlen=8)  # (inputs, data wait, wall) of the last batches: the bar's current pace
         try:
             t = time.perf_counter()
             for idx, batch, bad in loader:
                 now = time.perf_counter()
                 stats.seconds["data_wait"] += now - t
+                wait, t0 = now - t, t
                 failed.extend((todo[i], err) for i, err in bad)
                 if batch is not None:
+                    batch = torch.from_numpy(batch).pin_memory() if cuda else torch.from_numpy(batch)
                     x = to_model_input(batch, self.backbone.preprocess, self.device, self.backbone.channels_last, cuda)
                     with torch.inference_mode(), autocast(self.device, self.precision):
                         feats = self.backbone.features(x)
@@ -371,7 +345,8 @@ class Extractor:
                 t = time.perf_counter()
                 stats.seconds["model"] += t - now
                 bar.update(len(idx) + len(bad))
-                bar.set_postfix(cached=stats.cached, failed=len(failed) + stats.failed, refresh=False)
+                recent.append((len(idx) + len(bad), wait, t - t0))
+                bar.set_postfix(cached=stats.cached, failed=len(failed) + stats.failed, **pace(recent), refresh=False)
         finally:
             bar.close()
             if writer is not None:
@@ -447,6 +422,15 @@ _LIBC = _load_libc()
 
 def _name(record: Record) -> str:
     return "<image>" if isinstance(record.path, Image.Image) else record.path
+
+
+def pace(recent) -> dict[str, str]:
+    """The progress bar's view of the last batches: images/s and the share of time spent waiting for decoded
+    data (a high share means decoding, not the model, limits the run)."""
+    n, wait, wall = (sum(r[k] for r in recent) for k in range(3))
+    if wall <= 0:
+        return {}
+    return {"img/s": f"{n / wall:.1f}", "data wait": f"{wait / wall:.0%}"}
 
 
 def _bar_disabled(progress: bool | None) -> bool | None:

@@ -1,8 +1,10 @@
 """Batch-size auto-tuning: time the backbone's forward pass at a few batch sizes on this device, keep the fastest.
 
 GPU-style batch sizes are wrong on a CPU (measured: EfficientNet-Lite0 on 2 cores ran faster at batch 4-16 than
-at 32), so the choice is made per (backbone, device, threads, precision, torch version) and remembered in the
-cache folder, costing a few seconds once.
+at 32), so the choice is made per (backbone, device, threads, precision, torch version) and remembered per
+machine in a user-level file (:func:`memo_file`: the platform's user cache folder, e.g. ``~/.cache/probe/
+tuning.json``), shared by every cache folder: the few seconds of tuning are paid once per machine, not once per
+cache folder. A ``tuning.json`` inside a cache folder (where earlier versions kept the memo) is still read.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -19,6 +22,11 @@ from .backbones import Backbone, autocast
 from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
+
+#: Environment variables naming the per-machine memo: the file itself, or a folder that holds ``tuning.json``.
+ENV_FILE = "PROBE_TUNING_FILE"
+ENV_HOME = "PROBE_HOME"
+MEMO_NAME = "tuning.json"
 
 CPU_CANDIDATES = (1, 4, 8, 16, 32)
 CUDA_CANDIDATES = (32, 64, 128, 256)
@@ -48,19 +56,59 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def tuned_batch_size(backbone: Backbone, device: torch.device, precision: str, memo_path: str | os.PathLike,
-                     default: int) -> int:
-    memo_path = Path(memo_path)
-    key = "|".join(
+def memo_file() -> Path:
+    """The per-machine memo: ``$PROBE_TUNING_FILE``, else ``$PROBE_HOME/tuning.json``, else ``tuning.json`` in
+    the platform's user cache folder (``platformdirs.user_cache_dir("probe")``)."""
+    if os.environ.get(ENV_FILE):
+        return Path(os.environ[ENV_FILE])
+    if os.environ.get(ENV_HOME):
+        return Path(os.environ[ENV_HOME]) / MEMO_NAME
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("probe")) / MEMO_NAME
+
+
+def memo_key(backbone: Backbone, device: torch.device, precision: str) -> str:
+    return "|".join(
         [backbone.name, backbone.layer, str(backbone.preprocess.crop), str(device), precision,
          str(torch.get_num_threads()), torch.__version__]
     )
+
+
+def _read(path: Path) -> dict:
     try:
-        memo = json.loads(memo_path.read_text())
+        memo = json.loads(path.read_text())
     except (OSError, ValueError):
-        memo = {}
-    if key in memo:
-        return int(memo[key]["batch_size"])
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def remembered_batch_size(backbone: Backbone, device: torch.device, precision: str,
+                          also: Sequence[str | os.PathLike] = ()) -> int | None:
+    """The batch size remembered for this (backbone, device, threads, precision, torch) in the per-machine memo,
+    or else in one of the ``also`` memos (a cache folder's ``tuning.json``, where earlier versions kept it)."""
+    return _remembered(memo_key(backbone, device, precision), [memo_file(), *map(Path, also)])
+
+
+def _remembered(key: str, paths: Sequence[Path]) -> int | None:
+    for path in paths:
+        entry = _read(path).get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("batch_size"), int) and entry["batch_size"] >= 1:
+            return entry["batch_size"]
+    return None
+
+
+def tuned_batch_size(backbone: Backbone, device: torch.device, precision: str,
+                     memo_path: str | os.PathLike | None, default: int,
+                     also: Sequence[str | os.PathLike] = ()) -> int:
+    """The remembered batch size, or tune now and remember it. ``memo_path`` None: the per-machine memo
+    (:func:`memo_file`), also reading ``also``; a path: that file only (a fresh one tunes again)."""
+    paths = [memo_file(), *map(Path, also)] if memo_path is None else [Path(memo_path)]
+    key = memo_key(backbone, device, precision)
+    found = _remembered(key, paths)
+    if found is not None:
+        return found
+    memo_path = paths[0]
     candidates = list(CUDA_CANDIDATES if device.type == "cuda" else CPU_CANDIDATES)
     rates: dict[int, float] = {}
     # Interleaved rounds, best rate per candidate: interference from other processes only ever slows a
@@ -78,6 +126,11 @@ def tuned_batch_size(backbone: Backbone, device: torch.device, precision: str, m
     best = max(rates, key=rates.get)
     log.info("batch-size tuning for %s on %s: %s -> %d", backbone.name, device,
              {k: round(v, 1) for k, v in rates.items()}, best)
+    memo = _read(memo_path)  # re-read: another process may have added entries meanwhile
     memo[key] = {"batch_size": best, "images_per_second": {str(k): v for k, v in rates.items()}}
-    atomic_write_text(memo_path, json.dumps(memo, indent=2))
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(memo_path, json.dumps(memo, indent=2))
+    except OSError as e:  # a read-only home must not fail the run; it only costs tuning again next time
+        log.warning("cannot remember the batch size in %s (%s)", memo_path, e)
     return best
