@@ -2,7 +2,8 @@
 
     records --hash (memo)--> keys --cache lookup--> misses
     misses --DataLoader (decode + preprocess, optional workers)--> batches
-    batches --frozen backbone (inference_mode, channels_last, AMP + pinned non_blocking copies on CUDA)--> features
+    batches --runner (probe/runtime.py: eager inference_mode + channels_last + AMP on CUDA, or ONNX Runtime /
+              OpenVINO on the CPU)--> features
     features --writer thread--> SegmentWriter (atomic segments) --> cache
 
 Only misses reach the model; a finished run rerun does no model work. Memory stays flat in the number of inputs:
@@ -30,19 +31,19 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .backbones import DEFAULT_BACKBONE, Backbone, autocast, load_backbone
+from .backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from .cache import FeatureCache, FeatureSpace, FeatureStore
 from .errors import ImageDecodeError, ProbeError, StrictModeError
 from .files import atomic_write_text
 from .preprocess import DEFAULT_MAX_PIXELS, Preprocess, decode_image
 from .sources import MEMO_FILE, HashMemo, Record, hash_files, resolve
+from .tuning import TUNING_FILE
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_BATCH = 8
 DEFAULT_CUDA_BATCH = 128
 AUTOTUNE_MIN_INPUTS = 64
-TUNING_FILE = "tuning.json"
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ExtractStats:
     workers: int = 0
     device: str = "cpu"
     precision: str = "float32"
+    runtime: str = ""  # the runner that computed the new features (eager, onnxruntime, openvino); "" when none ran
     seconds: dict = field(
         default_factory=lambda: dict.fromkeys(("hash", "tune", "data_wait", "model", "write", "total"), 0.0))
 
@@ -76,7 +78,7 @@ class ExtractStats:
             + (f"batch-size tuning {s['tune']:.1f}s, " if s["tune"] >= 0.05 else "")
             + f"waiting for data {s['data_wait']:.1f}s, "
             f"model {s['model']:.1f}s, writing {s['write']:.1f}s | batch {self.batch_size}, workers {self.workers}, "
-            f"{self.device}/{self.precision}"
+            f"{self.device}/{self.precision}" + (f", {self.runtime}" if self.runtime else "")
         )
 
 
@@ -223,7 +225,8 @@ class Extractor:
     """A loaded backbone on a device plus a feature cache: turns inputs into features, extracting only misses.
 
     Reuse one Extractor for many calls (the model is loaded once). ``write=False`` computes misses in memory and
-    writes nothing (the cache is still read).
+    writes nothing (the cache is still read). ``runtime`` (auto, eager, onnxruntime, openvino) picks what runs the
+    backbone (:mod:`probe.runtime`); it does not change the feature space.
     """
 
     def __init__(
@@ -243,9 +246,14 @@ class Extractor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         segment_rows: int = 1024,
         progress: bool | None = None,
+        runtime: str = "auto",
     ):
+        from .runtime import check_runtime
+
         self.device = resolve_device(device)
         self.precision = resolve_precision(amp, self.device)
+        self.runtime = check_runtime(runtime, self.device, self.precision)
+        self._runner = None
         self.backbone = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, weights, layer, pooling)
         self.backbone.to(self.device)
         self.space = self.backbone.feature_space(dtype=dtype, precision=self.precision)
@@ -362,7 +370,22 @@ class Extractor:
         stats.seconds["hash"] = time.perf_counter() - t
         return keys, failures
 
-    def _choose_batch_size(self, n: int) -> int:
+    def _choose_runner(self, n: int):
+        """The runner, made once (``auto`` measures once per cache; a small run does not measure)."""
+        if self._runner is not None:
+            return self._runner
+        from .runtime import make_runner
+
+        # Like the hash memo, write=False creates no cache folder: exports and choices need an existing one.
+        root = self.cache.root if self.cache is not None and (self.write or self.cache.root.exists()) else None
+        default = DEFAULT_CUDA_BATCH if self.device.type == "cuda" else DEFAULT_CPU_BATCH
+        runner = make_runner(self.backbone, self.runtime, self.device, self.precision, root,
+                             batch_size=self.batch_size or default, measure=n >= AUTOTUNE_MIN_INPUTS)
+        if not (self.runtime == "auto" and n < AUTOTUNE_MIN_INPUTS and runner.name == "eager"):
+            self._runner = runner  # a small run's eager is provisional: a large one may still measure
+        return runner
+
+    def _choose_batch_size(self, n: int, runner) -> int:
         if self.batch_size is not None:
             return self.batch_size
         default = DEFAULT_CUDA_BATCH if self.device.type == "cuda" else DEFAULT_CPU_BATCH
@@ -370,14 +393,17 @@ class Extractor:
             return default
         from .tuning import tuned_batch_size
 
-        return tuned_batch_size(self.backbone, self.device, self.precision, self.cache.root / TUNING_FILE, default)
+        return tuned_batch_size(self.backbone, self.device, self.precision, self.cache.root / TUNING_FILE, default,
+                                runner)
 
     def _run_model(self, todo: list[int], records: list[Record], keys: list[str | None], stats: ExtractStats,
                    memory: dict[str, np.ndarray]):
         t = time.perf_counter()
-        bs = self._choose_batch_size(len(todo))
+        runner = self._choose_runner(len(todo))
+        bs = self._choose_batch_size(len(todo), runner)
         stats.seconds["tune"] = time.perf_counter() - t  # first run per device only: tuning.json remembers it
         stats.batch_size = bs
+        stats.runtime = runner.name
         cuda = self.device.type == "cuda"
         data = _Inputs([records[i].path for i in todo], self.backbone.preprocess, self.max_pixels)
         loader = DataLoader(
@@ -389,7 +415,7 @@ class Extractor:
             prefetch_factor=4 if self.workers else None,
         )
         failed: list[tuple[int, str]] = []
-        writer = _WriterThread(self.store, self.segment_rows, self.space) if self.write else None
+        writer = _WriterThread(self.store, self.segment_rows, self.space, runner) if self.write else None
         bar = tqdm(total=len(todo), unit="img", desc="extract", disable=_bar_disabled(self.progress), leave=False)
         try:
             t = time.perf_counter()
@@ -398,10 +424,8 @@ class Extractor:
                 stats.seconds["data_wait"] += now - t
                 failed.extend((todo[i], err) for i, err in bad)
                 if batch is not None:
-                    x = to_model_input(batch, self.backbone.preprocess, self.device, self.backbone.channels_last, cuda)
-                    with torch.inference_mode(), autocast(self.device, self.precision):
-                        feats = self.backbone.features(x)
-                    feats = feats.float().cpu().numpy()
+                    x = to_model_input(batch, self.backbone.preprocess, self.device, runner.channels_last, cuda)
+                    feats = runner(x)
                     stats.model_batches += 1
                     if not np.isfinite(feats).all():
                         rows_bad = ~np.isfinite(feats).all(axis=1)
@@ -432,9 +456,10 @@ class Extractor:
 class _WriterThread:
     """Hands feature batches to the cache on a background thread so disk I/O overlaps compute."""
 
-    def __init__(self, store: FeatureStore, segment_rows: int, space: FeatureSpace):
+    def __init__(self, store: FeatureStore, segment_rows: int, space: FeatureSpace, runner):
         self.queue: queue.Queue = queue.Queue(maxsize=16)
-        meta = {"probe_version": _probe_version(), "torch_version": torch.__version__}
+        meta = {"probe_version": _probe_version(), "torch_version": torch.__version__, "runtime": runner.name,
+                "runtime_version": runner.version}
         self.writer = store.writer(rows_per_segment=segment_rows, meta=meta)
         self.busy = 0.0
         self.error: BaseException | None = None
@@ -521,7 +546,7 @@ def extract(
     """Extract features of a folder / CSV / file list into the cache and return them as a FeatureSet.
 
     ``options`` are those of :class:`Extractor` (weights, layer, pooling, dtype, device, amp, batch_size, workers,
-    write, max_pixels, segment_rows, progress).
+    write, max_pixels, segment_rows, progress, runtime).
     """
     records = resolve(source)
     return Extractor(backbone, cache, **options).extract(records, strict=strict)
