@@ -56,7 +56,7 @@ def _apply(f, opts):
 
 
 def compute_options(f):
-    """How extraction runs: device, precision, batching, workers, limits, progress."""
+    """How extraction runs: device, precision, batching, workers, limits, progress, runtime."""
     return _apply(f, [
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
         click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True,
@@ -68,6 +68,10 @@ def compute_options(f):
         click.option("--max-pixels", type=click.IntRange(min=1), default=None,
                      help="Refuse larger images (decompression-bomb guard)."),
         click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal)."),
+        click.option("--runtime", type=click.Choice(["auto", "eager", "onnxruntime", "openvino"]), default="auto",
+                     show_default=True,
+                     help="What runs the backbone: eager PyTorch, or ONNX Runtime / OpenVINO on the CPU "
+                          "(pip install 'probe[fast]'); auto measures once and keeps the fastest."),
     ])
 
 
@@ -92,6 +96,7 @@ def extractor_kwargs(o: dict) -> dict:
         workers=o["workers"],
         max_pixels=o["max_pixels"] or DEFAULT_MAX_PIXELS,
         progress=o["progress"],
+        runtime=o["runtime"],
     )
     kwargs.update({k: o[k] for k in ("weights", "layer", "pooling", "dtype") if k in o})
     return kwargs

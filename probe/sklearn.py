@@ -31,7 +31,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, *, weights=None, layer=None, pooling=None,
                  dtype: str = "float32", cache=None, write: bool = True, device=None, amp=None, batch_size=None,
-                 workers=None, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False):
+                 workers=None, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False, runtime: str = "auto"):
         self.backbone = backbone
         self.weights = weights
         self.layer = layer
@@ -45,6 +45,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.workers = workers
         self.max_pixels = max_pixels
         self.progress = progress
+        self.runtime = runtime
 
     def extractor(self):
         """The underlying Extractor (backbone loaded once per parameter setting)."""
@@ -55,7 +56,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             ex = Extractor(self.backbone, self.cache, weights=self.weights, layer=self.layer, pooling=self.pooling,
                            dtype=self.dtype, device=self.device, amp=self.amp, batch_size=self.batch_size,
                            workers=self.workers, write=self.write, max_pixels=self.max_pixels,
-                           progress=self.progress)
+                           progress=self.progress, runtime=self.runtime)
             self._extractor_cache = (params, ex)
         return self._extractor_cache[1]
 

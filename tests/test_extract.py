@@ -368,15 +368,15 @@ def test_batch_size_autotuning_is_remembered(tmp_path, monkeypatch):
     folder = make_image_folder(tmp_path / "imgs", per_class=22)  # 66 inputs: enough to tune
     calls = []
     monkeypatch.setattr(tuning, "measure_throughput",
-                        lambda bb, dev, bs, precision: calls.append(bs) or {8: 50.0, 16: 80.0}.get(bs, 10.0))
-    fs = extract(folder, TINY, tmp_path / "cache", **CPU)
+                        lambda runner, bs, size: calls.append(bs) or {8: 50.0, 16: 80.0}.get(bs, 10.0))
+    fs = extract(folder, TINY, tmp_path / "cache", runtime="eager", **CPU)
     assert fs.stats.batch_size == 16 and calls == list(tuning.CPU_CANDIDATES) * tuning.ROUNDS
     memo = json.loads((tmp_path / "cache" / "tuning.json").read_text())
     (entry,) = memo.values()
     assert entry["batch_size"] == 16
     calls.clear()
     more = make_image_folder(tmp_path / "more", per_class=22, seed=50_000)
-    fs = extract(more, TINY, tmp_path / "cache", **CPU)
+    fs = extract(more, TINY, tmp_path / "cache", runtime="eager", **CPU)
     assert calls == [] and fs.stats.batch_size == 16 and fs.stats.new == 66
     few = extract(folder, TINY, tmp_path / "cache", write=False, **CPU)
     assert few.stats.model_batches == 0  # fully cached: nothing to tune for
