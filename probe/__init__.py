@@ -11,9 +11,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "extract": "probe.engine",
     "Extractor": "probe.engine",
-    "FeatureSet": "probe.engine",
+    "ExtractOptions": "probe.options",
+    "FeatureSet": "probe.featureset",
     "FeatureCache": "probe.cache",
-    "FeatureSpace": "probe.cache",
+    "FeatureSpace": "probe.space",
     "Preprocess": "probe.preprocess",
     "load_backbone": "probe.backbones",
     "backbone_names": "probe.backbones",

@@ -27,10 +27,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .cache import FeatureSpace
 from .defaults import DEFAULT_BACKBONE, PENULTIMATE, POOLINGS
 from .errors import BackboneNotFoundError, ProbeError, WeightsUnavailableError
 from .preprocess import Preprocess
+from .sources import sha256_file
+from .space import FeatureSpace
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     st = os.stat(path)
     memo_key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if memo_key not in _SHA_MEMO:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA_MEMO[memo_key] = h.hexdigest()
+        _SHA_MEMO[memo_key] = sha256_file(path)
     return _SHA_MEMO[memo_key]
 
 
@@ -371,6 +368,23 @@ def backbone_names(include_tv: bool = True) -> list[str]:
     if include_tv:
         names += [f"tv:{a}" for a in _tv_archs()]
     return names
+
+
+#: torchvision models `probe backbones` shows without --all.
+FEATURED_TV = ("resnet18", "resnet50", "vit_b_16", "convnext_tiny", "efficientnet_b0", "mobilenet_v3_large")
+
+
+def listing(show_all: bool = False) -> tuple[list[dict], int]:
+    """Rows for `probe backbones` (name, dim, weights status, description, test_only) and how many torchvision
+    models were left out (all are listed with ``show_all``)."""
+    tv = [n for n in backbone_names() if n.startswith("tv:")]
+    shown = tv if show_all else [n for n in tv if n[3:] in FEATURED_TV]
+    rows = []
+    for name in backbone_names(include_tv=False) + shown:
+        spec = get_spec(name)
+        rows.append({"name": spec.name, "dim": spec.dim(), "weights": spec.weights_status(),
+                     "description": spec.description, "test_only": spec.test_only})
+    return rows, len(tv) - len(shown)
 
 
 def get_spec(name: str) -> BackboneSpec:

@@ -16,7 +16,6 @@ temporary segment, fsync'ed and atomically renamed into place. A SIGKILL loses a
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -32,64 +31,24 @@ from typing import Iterable, Sequence
 import h5py
 import numpy as np
 
+from .defaults import DEFAULT_CACHE
 from .errors import CacheCorruptError, CacheMismatchError, ProbeError
-from .files import atomic_path, atomic_write_text, fsync_dir
+from .files import atomic_path, atomic_write_text, ensure_folder, fsync_dir
+from .locks import space_lock
+from .space import FORMAT_VERSION, FeatureSpace
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "SPACE_FILE", "FeatureCache", "FeatureSpace", "FeatureStore", "SegmentWriter",
+           "VerifyReport"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "probe.feature-segment"
-FORMAT_VERSION = 1
 SPACE_FILE = "space.json"
-DTYPES = ("float32", "float16")
+QUARANTINE_DIR = "quarantine"
+_SEGMENT_NAME = re.compile(r"^seg-[A-Za-z0-9_.-]{1,200}\.h5$")
+_SPACE_ID = re.compile(r"^[0-9a-f]{1,64}$")
 _KEY_RE = re.compile(rb"^[0-9a-f]{64}$")
 _BLOCK = 4096  # rows read per block when gathering features from a segment
-
-
-@dataclass(frozen=True)
-class FeatureSpace:
-    """Everything that determines a feature value. Its digest names the cache directory."""
-
-    backbone: str
-    weights_sha256: str
-    preprocess: dict
-    layer: str
-    pooling: str
-    dim: int
-    dtype: str = "float32"
-    precision: str = "float32"
-    format_version: int = FORMAT_VERSION
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not one of {DTYPES}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FeatureSpace":
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = set(d) - set(names)
-        if unknown:
-            raise CacheCorruptError(f"feature-space description has unknown fields {sorted(unknown)}")
-        return cls(**{k: d[k] for k in names if k in d})
-
-    @property
-    def digest(self) -> str:
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
-
-    @property
-    def id(self) -> str:
-        """The directory name: the first 16 hex digits of the digest."""
-        return self.digest[:16]
-
-    def first_difference(self, other: "FeatureSpace") -> str | None:
-        """Name of the first field in which ``other`` differs from this space, or None."""
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) != getattr(other, f.name):
-                return f.name
-        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -107,6 +66,8 @@ class Segment:
     path: Path
     keys: np.ndarray  # S64
     rows: int
+    problem: str | None = None  # why the segment cannot be used (damaged); None: fine or not yet checked
+    verified: bool = False  # checksum, shapes and values checked by this process
 
 
 @dataclass
@@ -117,6 +78,8 @@ class VerifyReport:
     unique_rows: int = 0
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    damaged: list[Path] = field(default_factory=list)  # segments that failed a check (what --repair moves aside)
+    quarantined: list[Path] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -124,7 +87,13 @@ class VerifyReport:
 
 
 class FeatureStore:
-    """The rows of one feature space: lookup by key, ordered gather, append through :class:`SegmentWriter`."""
+    """The rows of one feature space: lookup by key, ordered gather, append through :class:`SegmentWriter`.
+
+    Reads are verified: the first time this process reads from a segment (or asks whether its rows exist,
+    :meth:`ensure_verified`), the segment's features are checked against their checksum, shape and finiteness. A
+    segment that fails is *damaged*: a warning names it, its rows count as missing (so a writing run re-extracts
+    them) and nothing is ever served from it. Segments are immutable, so each is checked once per process.
+    """
 
     def __init__(self, path: Path, space: FeatureSpace, scan: bool = True):
         self.path = Path(path)
@@ -134,26 +103,38 @@ class FeatureStore:
         self._index: dict[bytes, tuple[int, int]] = {}
         self._handles: dict[int, h5py.File] = {}
         self._seen: set[str] = set()
+        self._locked = 0  # depth of this store's own lock (so its reads do not lock again under compact)
         if scan:  # scan=False: no index (and no error on a damaged segment), for verify() to report on it
             self.refresh()
 
     # -- reading -----------------------------------------------------------------------------------------
 
     def segment_files(self) -> list[Path]:
-        return sorted(self.segments_dir.glob("seg-*.h5"))
+        return sorted(p for p in self.segments_dir.glob("seg-*.h5") if p.is_file() and not p.is_symlink())
+
+    @property
+    def damaged(self) -> list[Segment]:
+        return [s for s in self._segments if s.problem is not None]
 
     def refresh(self) -> None:
-        """Pick up segments written since the last scan (by this or another process)."""
+        """Pick up segments written since the last scan (by this or another process). A segment of another
+        feature space or format version is refused (CacheMismatchError); an unreadable one is damaged."""
         for p in self.segment_files():
             if p.name in self._seen:
                 continue
+            self._seen.add(p.name)
             try:
                 with h5py.File(p, "r") as f:
                     self._check_segment_attrs(f, p)
                     keys = f["keys"][...]
-            except (OSError, KeyError) as e:
-                raise CacheCorruptError(f"{p}: unreadable segment ({e}); run `probe cache verify`") from e
-            self._seen.add(p.name)
+                    if keys.dtype != np.dtype("S64") or keys.ndim != 1:
+                        raise CacheCorruptError(f"{p.name}: keys dataset is {keys.dtype} {keys.shape}, not S64 (rows,)")
+            except CacheMismatchError:
+                self._seen.discard(p.name)
+                raise
+            except (OSError, KeyError, ValueError, CacheCorruptError) as e:
+                self._damage(Segment(p, np.empty(0, "S64"), 0), f"unreadable ({_one_line(e)})")
+                continue
             i = len(self._segments)
             self._segments.append(Segment(p, keys, len(keys)))
             for row, k in enumerate(keys.tolist()):
@@ -163,14 +144,69 @@ class FeatureStore:
         fmt = f.attrs.get("format")
         if fmt != FORMAT:
             raise CacheCorruptError(f"{p}: format={fmt!r}, expected {FORMAT!r}")
-        version = int(f.attrs.get("format_version", -1))
+        try:
+            version = int(f.attrs.get("format_version", -1))
+        except (TypeError, ValueError):
+            version = -1
         if version != FORMAT_VERSION:
             raise CacheMismatchError("format_version", FORMAT_VERSION, version, str(p))
         digest = f.attrs.get("space_digest")
         if digest != self.space.digest:
-            found = FeatureSpace.from_dict(json.loads(f.attrs["space"]))
+            try:
+                found = FeatureSpace.from_dict(json.loads(f.attrs["space"]))
+            except (KeyError, ValueError, TypeError, CacheCorruptError) as e:
+                raise CacheCorruptError(f"{p}: unreadable space attribute ({_one_line(e)})") from e
             name = self.space.first_difference(found) or "space_digest"
             raise CacheMismatchError(name, getattr(self.space, name, digest), getattr(found, name, digest), str(p))
+
+    def _damage(self, seg: Segment, problem: str) -> None:
+        """Mark a segment damaged, warn once, and stop serving its rows (re-pointing keys to good duplicates)."""
+        seg.problem = problem
+        if seg not in self._segments:
+            self._segments.append(seg)
+        rows = f"its {seg.rows} rows are" if seg.rows else "its rows are"
+        log.warning("%s: damaged cache segment (%s); %s treated as missing and will be extracted again; "
+                    "`probe cache verify --repair` moves it aside", seg.path, problem, rows)
+        self._rebuild_index()
+
+    def _rebuild_index(self) -> None:
+        self._index = {}
+        for i, seg in enumerate(self._segments):
+            if seg.problem is None:
+                for row, k in enumerate(seg.keys.tolist()):
+                    self._index.setdefault(k, (i, row))
+
+    def check_segment(self, i: int) -> str | None:
+        """Verify segment ``i`` (once per process): shapes, dtype, key syntax, finite values and the checksums.
+        Returns the problem found, or None."""
+        seg = self._segments[i]
+        if seg.verified or seg.problem is not None:
+            return seg.problem
+        try:
+            problem = _check_segment_file(self._handle(i), self.space, seg.keys)
+        except (OSError, KeyError, ValueError) as e:
+            problem = f"unreadable ({_one_line(e)})"
+        seg.verified = problem is None
+        if problem is not None:
+            self.close_segment(i)
+            self._damage(seg, problem)
+        return problem
+
+    def ensure_verified(self, keys: Iterable[str | bytes] | None = None) -> None:
+        """Verify every segment that serves one of ``keys`` (all segments when None), so that afterwards
+        membership and reads only ever involve verified rows."""
+        while True:
+            if keys is None:
+                todo = {i for i, s in enumerate(self._segments) if not s.verified and s.problem is None}
+            else:
+                wanted = [k.encode() if isinstance(k, str) else k for k in keys]
+                keys = wanted
+                todo = {loc[0] for k in wanted if (loc := self._index.get(k)) is not None}
+                todo = {i for i in todo if not self._segments[i].verified}
+            if not todo:
+                return
+            for i in sorted(todo):
+                self.check_segment(i)  # a damaged one re-points its keys: loop until all served rows are verified
 
     def __len__(self) -> int:
         return len(self._index)
@@ -182,7 +218,9 @@ class FeatureStore:
         return [k.decode() for k in self._index]
 
     def missing(self, keys: Iterable[str]) -> list[str]:
-        """The keys (in input order, without repeats) that have no row yet."""
+        """The keys (in input order, without repeats) that have no verified row."""
+        keys = list(keys)
+        self.ensure_verified(keys)
         out, seen = [], set()
         for k in keys:
             if k not in seen and k.encode() not in self._index:
@@ -196,15 +234,32 @@ class FeatureStore:
             h = self._handles[i] = h5py.File(self._segments[i].path, "r")
         return h
 
+    def close_segment(self, i: int) -> None:
+        h = self._handles.pop(i, None)
+        if h is not None:
+            h.close()
+
     def get(self, keys: Sequence[str], out: np.ndarray | None = None) -> np.ndarray:
-        """Features for ``keys`` in the requested order as float32 (n, dim).
+        """Verified features for ``keys`` in the requested order as float32 (n, dim).
 
         Only the requested rows are read: rows are grouped by segment and gathered block by block, so memory
-        stays at the output plus one block, however large the cache is.
+        stays at the output plus one block, however large the cache is. Holds the space's shared lock while
+        reading; a segment that vanished meanwhile (compacted away by another process) makes the store re-list
+        once and retry.
         """
+        with self.lock():
+            try:
+                return self._get(keys, out)
+            except FileNotFoundError:
+                log.info("%s: a segment vanished (compacted by another process); re-listing", self.path)
+                self.reset()
+                return self._get(keys, out)
+
+    def _get(self, keys: Sequence[str], out: np.ndarray | None) -> np.ndarray:
         n = len(keys)
         if out is None:
             out = np.empty((n, self.space.dim), dtype=np.float32)
+        self.ensure_verified(keys)
         by_segment: dict[int, list[tuple[int, int]]] = {}
         for pos, k in enumerate(keys):
             loc = self._index.get(k.encode() if isinstance(k, str) else k)
@@ -228,14 +283,22 @@ class FeatureStore:
                     out[positions[idx]] = ds[uniq][inverse]
         return out
 
+    def lock(self, exclusive: bool = False, wait: bool = True, purpose: str = ""):
+        """The space's lock (:mod:`probe.locks`); re-entrant within this store."""
+        return _StoreLock(self, exclusive, wait, purpose)
+
     # -- writing -----------------------------------------------------------------------------------------
 
     def writer(self, rows_per_segment: int = 1024, max_seconds: float = 30.0, meta: dict | None = None):
         return SegmentWriter(self, rows_per_segment=rows_per_segment, max_seconds=max_seconds, meta=meta)
 
     def write_segment(self, keys: Sequence[str], features: np.ndarray, paths: Sequence[str] | None = None,
-                      meta: dict | None = None) -> Path | None:
-        """Write one complete segment atomically (temp file, fsync, rename) and index it."""
+                      meta: dict | None = None, name: str | None = None) -> Path | None:
+        """Write one complete segment atomically (temp file, fsync, rename) and index it.
+
+        ``name`` (``seg-*.h5``) names the segment by its content instead of time + pid + random: a writer that may
+        retry the same rows (a distributed task) then never publishes a duplicate; an existing name is kept.
+        """
         keys = list(keys)
         if not keys:
             return None
@@ -248,7 +311,14 @@ class FeatureStore:
             data = features.astype(self.space.dtype, copy=False)
         if not np.isfinite(data).all():  # finite float32 values beyond float16's range (65504) become inf
             raise ValueError(f"features overflow the storage dtype {self.space.dtype}; use dtype float32")
-        final = self.segments_dir / f"seg-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:12]}.h5"
+        key_bytes = np.array([k.encode() for k in keys], dtype="S64")
+        if name is None:
+            name = f"seg-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:12]}.h5"
+        elif not _SEGMENT_NAME.match(name):
+            raise ValueError(f"segment name {name!r} does not match seg-*.h5")
+        final = self.segments_dir / name
+        if final.exists():
+            return final
         # Written as .tmp-<pid>-<rand>-seg-....h5, fsync'ed, then renamed: readers only ever see complete segments.
         with atomic_path(final) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT
@@ -258,13 +328,17 @@ class FeatureStore:
             f.attrs["rows"] = len(keys)
             f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             f.attrs["features_sha256"] = hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+            f.attrs["keys_sha256"] = hashlib.sha256(key_bytes.tobytes()).hexdigest()
             for k, v in (meta or {}).items():
                 f.attrs[k] = str(v) if isinstance(v, str) else v
-            f.create_dataset("keys", data=np.array([k.encode() for k in keys], dtype="S64"))
+            f.create_dataset("keys", data=key_bytes)
             f.create_dataset("features", data=data)
             if paths is not None:
                 f.create_dataset("paths", data=list(paths), dtype=h5py.string_dtype())
         self.refresh()
+        for i, seg in enumerate(self._segments):  # rows this process just wrote from memory need no re-read
+            if seg.path == final:
+                seg.verified = True
         return final
 
     # -- maintenance -------------------------------------------------------------------------------------
@@ -282,79 +356,97 @@ class FeatureStore:
         return out
 
     def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and not p.is_symlink())
 
-    def verify(self) -> VerifyReport:
-        """Check every segment: attributes, shapes, key syntax, finite values and the features checksum."""
+    def verify(self, repair: bool = False) -> VerifyReport:
+        """Check every segment: attributes, shapes, key syntax, finite values and the checksums. With
+        ``repair``, damaged segments are moved to ``<space>/quarantine/`` (under the exclusive lock) so the next
+        extraction refills their rows."""
         report = VerifyReport(self.space.id)
         seen: set[bytes] = set()
-        for p in self.segment_files():
-            report.files += 1
-            try:
-                with h5py.File(p, "r") as f:
-                    self._check_segment_attrs(f, p)
-                    keys = f["keys"][...]
-                    feats = f["features"][...]
-                    expected_sum = f.attrs.get("features_sha256")
-                    rows = int(f.attrs.get("rows", -1))
-            except ProbeError as e:
-                report.problems.append(str(e))
-                continue
-            except (OSError, KeyError) as e:
-                report.problems.append(f"{p.name}: unreadable ({e})")
-                continue
-            if rows != len(keys) or feats.shape != (len(keys), self.space.dim):
-                report.problems.append(
-                    f"{p.name}: {len(keys)} keys, features {feats.shape}, rows attribute {rows}, dim {self.space.dim}"
-                )
-                continue
-            if str(feats.dtype) != self.space.dtype:
-                report.problems.append(f"{p.name}: features stored as {feats.dtype}, space says {self.space.dtype}")
-            bad = [k for k in keys.tolist() if not _KEY_RE.match(k)]
-            if bad:
-                report.problems.append(f"{p.name}: {len(bad)} malformed keys, e.g. {bad[0]!r}")
-            if not np.isfinite(feats).all():
-                report.problems.append(f"{p.name}: non-finite feature values")
-            if expected_sum != hashlib.sha256(np.ascontiguousarray(feats).tobytes()).hexdigest():
-                report.problems.append(f"{p.name}: features checksum mismatch (file damaged)")
-            report.rows += len(keys)
-            seen.update(keys.tolist())
-        report.unique_rows = len(seen)
-        if report.rows > report.unique_rows:
-            report.notes.append(f"{report.rows - report.unique_rows} duplicate rows (harmless; `compact` drops them)")
-        for p in self.stale_temporaries():
-            report.notes.append(f"{p.name}: incomplete segment of an interrupted run (ignored; `compact` removes it)")
+        with self.lock(exclusive=repair, purpose="repair"):
+            for p in self.segment_files():
+                report.files += 1
+                try:
+                    with h5py.File(p, "r") as f:
+                        self._check_segment_attrs(f, p)
+                        keys = f["keys"][...]
+                        problem = _check_segment_file(f, self.space, keys)
+                except ProbeError as e:
+                    report.problems.append(str(e))
+                    if isinstance(e, CacheCorruptError):
+                        report.damaged.append(p)
+                    continue
+                except (OSError, KeyError, ValueError) as e:
+                    report.problems.append(f"{p.name}: unreadable ({_one_line(e)})")
+                    report.damaged.append(p)
+                    continue
+                if problem is not None:
+                    report.problems.append(f"{p.name}: {problem}")
+                    report.damaged.append(p)
+                    continue
+                report.rows += len(keys)
+                seen.update(keys.tolist())
+            report.unique_rows = len(seen)
+            if report.rows > report.unique_rows:
+                report.notes.append(f"{report.rows - report.unique_rows} duplicate rows (harmless; `compact` drops them)")
+            for p in self.stale_temporaries():
+                report.notes.append(f"{p.name}: incomplete segment of an interrupted run (ignored; `compact` removes it)")
+            if repair and report.damaged:
+                self.close()
+                report.quarantined = [self.quarantine(p) for p in report.damaged]
         return report
 
-    def compact(self) -> tuple[int, int]:
-        """Merge all segments into one (dropping duplicate rows) and remove stale temporaries.
-
-        Returns (segments before, segments after). Crash-safe: the merged segment is renamed into place before
-        the old ones are removed, and a duplicate row is harmless to readers.
-        """
-        old = self.segment_files()
-        for p in self.stale_temporaries():
-            p.unlink(missing_ok=True)
-        if len(old) <= 1:
-            return len(old), len(old)
-        keys = self.keys()
-        feats = np.empty((len(keys), self.space.dim), dtype=self.space.dtype)
-        for start in range(0, len(keys), 65536):
-            chunk = keys[start:start + 65536]
-            feats[start:start + len(chunk)] = self.get(chunk)
-        paths = self._paths_for(keys)
-        self.close()
-        new = self.write_segment(keys, feats, paths, meta={"compacted_from": len(old)})
-        for p in old:
-            if p != new:
-                p.unlink(missing_ok=True)
+    def quarantine(self, segment: Path) -> Path:
+        """Move a damaged segment out of the way (``<space>/quarantine/``); readers never look there."""
+        qdir = self.path / QUARANTINE_DIR
+        qdir.mkdir(exist_ok=True)
+        target = qdir / segment.name
+        os.replace(segment, target)
         fsync_dir(self.segments_dir)
-        self._reset()
-        return len(old), len(self.segment_files())
+        log.warning("%s: moved to %s", segment, target)
+        return target
 
-    def _paths_for(self, keys: list[str]) -> list[str] | None:
+    def compact(self, wait: bool = True) -> tuple[int, int]:
+        """Merge all verified segments into one (dropping duplicate rows) and remove stale temporaries.
+
+        Returns (segments before, segments after). Runs under the space's exclusive lock, so no writer publishes
+        and no reader reads meanwhile; only the segments merged are deleted. Damaged segments are never merged
+        (their rows are not re-blessed with a fresh checksum) and are left in place for ``verify --repair``.
+        Crash-safe: the merged segment is renamed into place before the old ones are removed, and a duplicate row
+        is harmless to readers.
+        """
+        with self.lock(exclusive=True, wait=wait, purpose="compact"):
+            self.reset()
+            for p in self.stale_temporaries():
+                p.unlink(missing_ok=True)
+            self.ensure_verified()
+            good = [s for s in self._segments if s.problem is None]
+            before = len(self.segment_files())
+            if len(good) <= 1:
+                return before, before
+            keys = self.keys()
+            feats = np.empty((len(keys), self.space.dim), dtype=self.space.dtype)
+            for start in range(0, len(keys), 65536):
+                chunk = keys[start:start + 65536]
+                feats[start:start + len(chunk)] = self._get(chunk, None)
+            paths = self._paths_for(keys, good)
+            self.close()
+            new = self.write_segment(keys, feats, paths, meta={"compacted_from": len(good)})
+            for seg in good:
+                if seg.path != new:
+                    seg.path.unlink(missing_ok=True)
+            fsync_dir(self.segments_dir)
+            damaged = [s.path.name for s in self._segments if s.problem is not None]
+            self.reset()
+            if damaged:
+                log.warning("%s: %d damaged segments were not merged (%s); run `probe cache verify --repair`",
+                            self.path, len(damaged), ", ".join(damaged[:3]))
+            return before, len(self.segment_files())
+
+    def _paths_for(self, keys: list[str], segments: list[Segment]) -> list[str] | None:
         found: dict[bytes, str] = {}
-        for seg in self._segments:
+        for seg in segments:
             with h5py.File(seg.path, "r") as f:
                 if "paths" not in f:
                     continue
@@ -364,7 +456,8 @@ class FeatureStore:
             return None
         return [found.get(k.encode(), "") for k in keys]
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Forget the index and re-list the segments."""
         self.close()
         self._segments, self._index, self._seen = [], {}, set()
         self.refresh()
@@ -382,6 +475,61 @@ class FeatureStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _StoreLock:
+    """Re-entrant use of :func:`probe.locks.space_lock` by one store (compact reads under its own lock)."""
+
+    def __init__(self, store: FeatureStore, exclusive: bool, wait: bool, purpose: str):
+        self.store, self.exclusive, self.wait, self.purpose = store, exclusive, wait, purpose
+        self._cm = None
+
+    def __enter__(self):
+        if self.store._locked == 0:
+            self._cm = space_lock(self.store.path, exclusive=self.exclusive, wait=self.wait, purpose=self.purpose)
+            self._cm.__enter__()
+        self.store._locked += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.store._locked -= 1
+        if self._cm is not None:
+            self._cm.__exit__(*exc)
+
+
+def _check_segment_file(f: h5py.File, space: FeatureSpace, keys: np.ndarray) -> str | None:
+    """The first problem with an open segment's contents, or None: rows attribute, shapes, dtype, key syntax,
+    finite values, ``features_sha256`` and (when present) ``keys_sha256``. Reads the features block by block."""
+    try:
+        rows = int(f.attrs.get("rows", -1))
+    except (TypeError, ValueError):
+        rows = -1
+    ds = f["features"]
+    if rows != len(keys) or ds.shape != (len(keys), space.dim):
+        return f"{len(keys)} keys, features {ds.shape}, rows attribute {rows}, dim {space.dim}"
+    if str(ds.dtype) != space.dtype:
+        return f"features stored as {ds.dtype}, space says {space.dtype}"
+    bad = [k for k in keys.tolist() if not _KEY_RE.match(k)]
+    if bad:
+        return f"{len(bad)} malformed keys, e.g. {bad[0]!r}"
+    keys_sum = f.attrs.get("keys_sha256")
+    if keys_sum is not None and keys_sum != hashlib.sha256(np.ascontiguousarray(keys).tobytes()).hexdigest():
+        return "keys checksum mismatch (file damaged)"
+    h = hashlib.sha256()
+    finite = True
+    for lo in range(0, len(keys), _BLOCK):
+        block = np.ascontiguousarray(ds[lo:lo + _BLOCK])
+        h.update(block.tobytes())
+        finite = finite and bool(np.isfinite(block).all())
+    if f.attrs.get("features_sha256") != h.hexdigest():
+        return "features checksum mismatch (file damaged)"
+    if not finite:
+        return "non-finite feature values"
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 class SegmentWriter:
@@ -435,10 +583,14 @@ class SegmentWriter:
         self.close()
 
 
+class SpaceNotFoundError(ProbeError):
+    """The cache holds no feature space with this description (nothing cached for it yet)."""
+
+
 class FeatureCache:
     """A cache root holding one directory per feature space."""
 
-    def __init__(self, root: str | os.PathLike = "cache"):
+    def __init__(self, root: str | os.PathLike = DEFAULT_CACHE):
         self.root = Path(root)
 
     @property
@@ -446,14 +598,21 @@ class FeatureCache:
         return self.root / "spaces"
 
     def open(self, space: FeatureSpace, create: bool = True) -> FeatureStore:
-        """The store of ``space``; created when absent (unless ``create=False``)."""
+        """The store of ``space``; created when absent (unless ``create=False``: SpaceNotFoundError)."""
         path = self.spaces_dir / space.id
         if not (path / SPACE_FILE).exists():
             if not create:
-                raise ProbeError(f"{self.root}: no cached features for space {space.id} ({space.backbone})")
-            (path / "segments").mkdir(parents=True, exist_ok=True)
+                raise SpaceNotFoundError(f"{self.root}: no cached features for space {space.id} ({space.backbone})")
+            ensure_folder(path / "segments", "cache folder")
             atomic_write_text(path / SPACE_FILE, json.dumps(space.to_dict(), indent=2, sort_keys=True) + "\n")
         return self.open_path(path, expected=space)
+
+    def check_writable(self, space: FeatureSpace) -> None:
+        """A one-line error naming the folder when rows of ``space`` cannot be written here (read-only cache)."""
+        seg = self.spaces_dir / space.id / "segments"
+        if not os.access(seg, os.W_OK | os.X_OK):
+            raise ProbeError(f"{seg}: cache folder is not writable; give a writable --cache, or use a command "
+                             "that only reads (predict / evaluate without --cache)")
 
     def open_path(self, path: str | os.PathLike, expected: FeatureSpace | None = None,
                   scan: bool = True) -> FeatureStore:
@@ -464,28 +623,57 @@ class FeatureCache:
         """
         path = Path(path)
         try:
-            found = FeatureSpace.from_dict(json.loads((path / SPACE_FILE).read_text()))
-        except FileNotFoundError as e:
+            text = (path / SPACE_FILE).read_text()
+        except (FileNotFoundError, NotADirectoryError) as e:
             raise ProbeError(f"{path}: not a feature-space directory (no {SPACE_FILE})") from e
-        except (json.JSONDecodeError, TypeError) as e:
-            raise CacheCorruptError(f"{path / SPACE_FILE}: unreadable ({e})") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise CacheCorruptError(f"{path / SPACE_FILE}: unreadable ({_one_line(e)})") from e
+        if len(text) > 1 << 20:
+            raise CacheCorruptError(f"{path / SPACE_FILE}: {len(text)} bytes is too large for a space description")
+        try:
+            found = FeatureSpace.from_dict(json.loads(text))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise CacheCorruptError(f"{path / SPACE_FILE}: unreadable ({_one_line(e)})") from e
         if expected is not None:
             name = expected.first_difference(found)
             if name is not None:
                 raise CacheMismatchError(name, getattr(expected, name), getattr(found, name), str(path))
         return FeatureStore(path, found, scan=scan)
 
+    def space_dirs(self) -> list[Path]:
+        """Space folders directly under ``spaces/`` (real folders only: a symlink is never followed)."""
+        if not self.spaces_dir.is_dir():
+            return []
+        return sorted(p for p in self.spaces_dir.iterdir()
+                      if not p.is_symlink() and p.is_dir() and (p / SPACE_FILE).is_file())
+
     def find(self, space_id: str) -> Path:
-        """The directory of a space given its id or any unique prefix of its digest."""
-        matches = [p for p in self.spaces_dir.glob(f"{space_id[:16]}*") if (p / SPACE_FILE).exists()]
+        """The directory of a space given its id or any unique prefix of its digest (hex digits only: a path
+        such as ``../x`` is refused, never resolved)."""
+        if not isinstance(space_id, str) or not _SPACE_ID.match(space_id):
+            raise ProbeError(f"{space_id!r} is not a feature-space id (hex digits, see `probe cache info`)")
+        matches = [p for p in self.space_dirs() if p.name.startswith(space_id[:16])]
         if len(matches) != 1:
             raise ProbeError(f"{self.root}: {len(matches)} feature spaces match {space_id!r}")
         return matches[0]
 
     def stores(self, scan: bool = True) -> list[FeatureStore]:
-        if not self.spaces_dir.exists():
-            return []
-        return [self.open_path(p, scan=scan) for p in sorted(self.spaces_dir.iterdir()) if (p / SPACE_FILE).exists()]
+        return [self.open_path(p, scan=scan) for p in self.space_dirs()]
 
-    def remove(self, space_id: str) -> None:
-        shutil.rmtree(self.find(space_id))
+    def summary(self) -> list[dict]:
+        """One JSON-able row per space: id, description, rows, segments, bytes on disk."""
+        out = []
+        for s in self.stores():
+            out.append({"id": s.space.id, "digest": s.space.digest, "space": s.space.to_dict(), "rows": len(s),
+                        "segments": len(s.segment_files()), "bytes": s.nbytes()})
+            s.close()
+        return out
+
+    def remove(self, space_id: str, wait: bool = True) -> Path:
+        """Delete one feature space (under its exclusive lock). Returns the folder removed."""
+        path = self.find(space_id)
+        with space_lock(path, exclusive=True, wait=wait, purpose="remove it"):
+            doomed = path.with_name(f".rm-{os.getpid()}-{path.name}")
+            os.replace(path, doomed)  # gone for readers at once; a crash leaves a .rm- folder, never a half space
+            shutil.rmtree(doomed)
+        return path

@@ -13,16 +13,14 @@ when asked.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
 import os
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from functools import cached_property, lru_cache
-from pathlib import Path
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -31,94 +29,43 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .backbones import DEFAULT_BACKBONE, Backbone, load_backbone
-from .cache import FeatureCache, FeatureSpace, FeatureStore
+from .backbones import Backbone, load_backbone
+from .cache import FeatureCache, FeatureStore, SpaceNotFoundError
+from .defaults import DEFAULT_BACKBONE
 from .errors import ImageDecodeError, ProbeError, StrictModeError
-from .files import atomic_write_text
-from .preprocess import DEFAULT_MAX_PIXELS, Preprocess, decode_image
+from .featureset import ExtractStats, Failure, FeatureSet
+from .options import ExtractOptions
+from .preprocess import Preprocess, decode_image
+from .space import FeatureSpace
 from .sources import MEMO_FILE, HashMemo, Record, hash_files, resolve
 from .tuning import TUNING_FILE
 
 log = logging.getLogger(__name__)
 
+_DEFAULT = object()  # "cache not given": the options' default applies
+
+
+def _cache_root(cache) -> str | None:
+    if cache is None:
+        return None
+    return os.fspath(cache.root if isinstance(cache, FeatureCache) else cache)
+
+
+def make_options(backbone: str | Backbone | ExtractOptions = DEFAULT_BACKBONE, cache=_DEFAULT,
+                 **options) -> ExtractOptions:
+    """ExtractOptions from the engine's calling conventions: an options object (plus overrides), or a backbone
+    name / loaded Backbone, a cache (path, FeatureCache or None) and option keywords."""
+    if cache is not _DEFAULT:
+        options["cache"] = _cache_root(cache)
+    if isinstance(backbone, ExtractOptions):
+        return backbone.replace(**options) if options else backbone
+    name = backbone.name if isinstance(backbone, Backbone) else backbone
+    return ExtractOptions.from_kwargs(backbone=name, **options)
+
+
 DEFAULT_CPU_BATCH = 8
 DEFAULT_CUDA_BATCH = 128
 AUTOTUNE_MIN_INPUTS = 64
-
-
-@dataclass
-class Failure:
-    index: int  # position in the run's inputs
-    path: str
-    error: str
-
-
-@dataclass
-class ExtractStats:
-    inputs: int = 0
-    unique: int = 0
-    cached: int = 0
-    new: int = 0
-    failed: int = 0
-    files_hashed: int = 0  # files actually read for hashing (memo misses)
-    model_batches: int = 0  # forward passes run; 0 on a fully cached run
-    batch_size: int = 0
-    workers: int = 0
-    device: str = "cpu"
-    precision: str = "float32"
-    runtime: str = ""  # the runner that computed the new features (eager, onnxruntime, openvino); "" when none ran
-    seconds: dict = field(
-        default_factory=lambda: dict.fromkeys(("hash", "tune", "data_wait", "model", "write", "total"), 0.0))
-
-    def summary(self) -> str:
-        s = self.seconds
-        return (
-            f"{self.inputs} inputs ({self.unique} unique): {self.new} new, {self.cached} cached, {self.failed} failed | "
-            f"{s['total']:.1f}s total: hash {s['hash']:.1f}s, "
-            + (f"batch-size tuning {s['tune']:.1f}s, " if s["tune"] >= 0.05 else "")
-            + f"waiting for data {s['data_wait']:.1f}s, "
-            f"model {s['model']:.1f}s, writing {s['write']:.1f}s | batch {self.batch_size}, workers {self.workers}, "
-            f"{self.device}/{self.precision}" + (f", {self.runtime}" if self.runtime else "")
-        )
-
-
-@dataclass
-class FeatureSet:
-    """The features of a run's successfully decoded inputs, aligned with their keys, paths and labels.
-
-    ``features`` is loaded from the cache (in this order) on first access.
-    """
-
-    keys: list[str]
-    paths: list[str]
-    labels: list[str | None]
-    indices: list[int]  # position of each row in the run's inputs
-    failures: list[Failure]
-    stats: ExtractStats
-    space: FeatureSpace
-    store: FeatureStore | None = field(default=None, repr=False)
-    memory: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @cached_property
-    def features(self) -> np.ndarray:
-        out = np.empty((len(self.keys), self.space.dim), dtype=np.float32)
-        from_store = [i for i, k in enumerate(self.keys) if k not in self.memory]
-        if from_store:
-            out[from_store] = self.store.get([self.keys[i] for i in from_store])
-        for i, k in enumerate(self.keys):
-            if k in self.memory:
-                out[i] = self.memory[k]
-        return out
-
-    @property
-    def y(self) -> np.ndarray:
-        missing = [p for p, lab in zip(self.paths, self.labels) if lab is None]
-        if missing:
-            raise ProbeError(f"{len(missing)} inputs have no label (e.g. {missing[0]}); use class folders or a label column")
-        return np.asarray(self.labels, dtype=object)
 
 
 # -- the data side -------------------------------------------------------------------------------------------
@@ -224,59 +171,46 @@ def default_workers(device: torch.device) -> int:
 class Extractor:
     """A loaded backbone on a device plus a feature cache: turns inputs into features, extracting only misses.
 
-    Reuse one Extractor for many calls (the model is loaded once). ``write=False`` computes misses in memory and
-    writes nothing (the cache is still read). ``runtime`` (auto, eager, onnxruntime, openvino) picks what runs the
-    backbone (:mod:`probe.runtime`); it does not change the feature space.
+    Built from :class:`~probe.options.ExtractOptions` (or the same names as keywords:
+    ``Extractor("efficientnet-lite0", "cache", batch_size=8)``). Reuse one Extractor for many calls (the model is
+    loaded once). ``write=False`` computes misses in memory and writes nothing (the cache is still read).
+    ``backbone`` may also be an already loaded :class:`~probe.backbones.Backbone`. ``runtime`` (auto, eager,
+    onnxruntime, openvino) picks what runs the backbone (:mod:`probe.runtime`); it does not change the feature space.
     """
 
-    def __init__(
-        self,
-        backbone: str | Backbone = DEFAULT_BACKBONE,
-        cache: str | os.PathLike | FeatureCache | None = "cache",
-        *,
-        weights: str | None = None,
-        layer: str | None = None,
-        pooling: str | None = None,
-        dtype: str = "float32",
-        device: str | None = None,
-        amp: str | bool | None = None,
-        batch_size: int | None = None,
-        workers: int | None = None,
-        write: bool = True,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        segment_rows: int = 1024,
-        progress: bool | None = None,
-        runtime: str = "auto",
-    ):
+    def __init__(self, backbone: str | Backbone | ExtractOptions = DEFAULT_BACKBONE, cache=_DEFAULT, **options):
         from .runtime import check_runtime
 
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(amp, self.device)
-        self.runtime = check_runtime(runtime, self.device, self.precision)
+        loaded = backbone if isinstance(backbone, Backbone) else None
+        self.options = opts = make_options(backbone, cache, **options)  # validated before any side effect
+        self.device = resolve_device(opts.device)
+        self.precision = resolve_precision(opts.amp, self.device)
+        self.runtime = check_runtime(opts.runtime, self.device, self.precision)
         self._runner = None
-        self.backbone = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, weights, layer, pooling)
+        self.backbone = loaded or load_backbone(opts.backbone, opts.weights, opts.layer, opts.pooling)
         self.backbone.to(self.device)
-        self.space = self.backbone.feature_space(dtype=dtype, precision=self.precision)
-        self.cache = cache if isinstance(cache, FeatureCache) or cache is None else FeatureCache(cache)
-        self.write = write and self.cache is not None
+        self.space = self.backbone.feature_space(dtype=opts.dtype, precision=self.precision)
+        self.cache = FeatureCache(opts.cache) if opts.cache is not None else None
+        self.write = opts.write and self.cache is not None
         self.store = self._open_store()
-        self.batch_size = batch_size
-        self.workers = default_workers(self.device) if workers is None else workers
-        self.max_pixels = max_pixels
-        self.segment_rows = segment_rows
-        self.progress = progress
-        if batch_size is not None and batch_size < 1:
-            raise ProbeError(f"batch_size={batch_size} must be >= 1")
+        self.batch_size = opts.batch_size
+        self.workers = default_workers(self.device) if opts.workers is None else opts.workers
+        self.max_pixels = opts.max_pixels
+        self.segment_rows = opts.segment_rows
+        self.progress = opts.progress
 
     def _open_store(self) -> FeatureStore | None:
         if self.cache is None:
             return None
         if self.write:
-            return self.cache.open(self.space)
+            store = self.cache.open(self.space)
+            self.cache.check_writable(self.space)
+            return store
         try:
             return self.cache.open(self.space, create=False)
-        except ProbeError:
+        except SpaceNotFoundError:
             return None  # nothing cached for this space yet, and we may not create it
+        # A damaged or mismatched cache is not "nothing cached": those errors reach the caller.
 
     # -- public ------------------------------------------------------------------------------------------
 
@@ -289,12 +223,18 @@ class Extractor:
         records = [r if isinstance(r, Record) else Record(r if isinstance(r, Image.Image) else str(r)) for r in inputs]
         stats = ExtractStats(inputs=len(records), workers=self.workers, device=str(self.device), precision=self.precision)
         keys, failures = self._keys(records, stats)
-        if self.store is not None:
-            self.store.refresh()
+        with self.store.lock() if self.store is not None else contextlib.nullcontext():
+            return self._extract(records, keys, failures, stats, t_start, strict, extract_missing)
+
+    def _extract(self, records, keys, failures, stats, t_start, strict, extract_missing) -> FeatureSet:
         ok_idx = [i for i, k in enumerate(keys) if k is not None]
         unique = list(dict.fromkeys(keys[i] for i in ok_idx))
         stats.unique = len(unique)
-        todo = [k for k in unique if self.store is None or k not in self.store]
+        if self.store is not None:
+            self.store.refresh()
+            todo = self.store.missing(unique)  # verifies the segments that hold these rows: damaged = missing
+        else:
+            todo = unique
         stats.cached = stats.unique - len(todo)
         memory: dict[str, np.ndarray] = {}  # features computed but not written (write=False)
         if todo and not extract_missing:
@@ -353,10 +293,9 @@ class Extractor:
             if isinstance(r.path, Image.Image):
                 keys[i] = pil_key(r.path)
         if file_idx:
-            memo_path = self.cache.root / MEMO_FILE if self.cache is not None else None
-            # write=False writes nothing: no cache folder or memo is created (an existing memo is used and kept).
-            use_memo = memo_path is not None and (self.write or memo_path.exists())
-            memo = HashMemo(memo_path) if use_memo else None
+            # write=False writes nothing: no cache folder or memo is created (an existing memo is used and kept);
+            # a read-only cache's memo is opened read-only.
+            memo = HashMemo.open(self.cache.root / MEMO_FILE, create=self.write) if self.cache is not None else None
             try:
                 res = hash_files([records[i].path for i in file_idx], memo)
             finally:
@@ -535,29 +474,13 @@ def _probe_version() -> str:
     return __version__
 
 
-def extract(
-    source,
-    backbone: str | Backbone = DEFAULT_BACKBONE,
-    cache: str | os.PathLike | FeatureCache | None = "cache",
-    *,
-    strict: bool = False,
-    **options,
-) -> FeatureSet:
+def extract(source, backbone: str | Backbone | ExtractOptions = DEFAULT_BACKBONE, cache=_DEFAULT, *,
+            strict: bool = False, **options) -> FeatureSet:
     """Extract features of a folder / CSV / file list into the cache and return them as a FeatureSet.
 
-    ``options`` are those of :class:`Extractor` (weights, layer, pooling, dtype, device, amp, batch_size, workers,
-    write, max_pixels, segment_rows, progress, runtime).
+    ``options`` are the fields of :class:`~probe.options.ExtractOptions` (or pass one as ``backbone``).
     """
+    opts = make_options(backbone, cache, **options)  # validated before the inputs are listed
     records = resolve(source)
-    return Extractor(backbone, cache, **options).extract(records, strict=strict)
-
-
-def write_run_report(path: str | os.PathLike, fs: FeatureSet) -> Path:
-    """A machine-readable JSON summary of a run (counts, timings, every failure), written atomically."""
-    body = {
-        "space": fs.space.id,
-        "backbone": fs.space.backbone,
-        "stats": asdict(fs.stats),
-        "failures": [asdict(f) for f in fs.failures],
-    }
-    return atomic_write_text(path, json.dumps(body, indent=2) + "\n")
+    extractor = Extractor(backbone, cache, **options) if isinstance(backbone, Backbone) else Extractor(opts)
+    return extractor.extract(records, strict=strict)

@@ -29,8 +29,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import logging
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -147,8 +149,20 @@ def head_spec(name: str) -> HeadSpec:
     return HeadSpec(_import_classifier(name), summary=f"{name} (no sweep)")
 
 
+_CLASS_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\.[A-Z][A-Za-z0-9_]*$")
+
+
 def _import_classifier(path: str) -> type:
+    # Checked before importing anything: importing a module runs its code, so only a well-formed
+    # ``package.module.ClassName`` whose module exists is imported.
+    if not _CLASS_PATH.match(path):
+        raise HeadError(f"head {path!r} is not an import path of a classifier class (package.module.ClassName)")
     module_name, _, attr = path.rpartition(".")
+    try:
+        if importlib.util.find_spec(module_name) is None:
+            raise ImportError(f"no module named {module_name!r}")
+    except (ImportError, ValueError) as exc:
+        raise HeadError(f"head {path!r}: cannot import module {module_name!r} ({exc})") from None
     try:
         module = importlib.import_module(module_name)
     except (ImportError, ValueError) as exc:  # ValueError: an empty module name (".Foo")
@@ -181,7 +195,14 @@ def make_head(name: str, params: dict | None = None, standardize: bool = False, 
         steps.append(("l2", Normalizer()))
     if standardize:
         steps.append(("scale", StandardScaler()))
-    steps.append(("clf", spec.estimator(**kwargs)))
+    clf = spec.estimator(**kwargs)
+    validate = getattr(clf, "_validate_params", None)  # scikit-learn's own parameter constraints, checked now
+    if validate is not None:
+        try:
+            validate()
+        except (ValueError, TypeError) as e:
+            raise HeadError(f"head {name!r}: {' '.join(str(e).split())}") from None
+    steps.append(("clf", clf))
     return Pipeline(steps)
 
 
@@ -498,6 +519,8 @@ def fit_head(name: str, X, y, *, X_val=None, y_val=None, val_split: float = 0.1,
         raise HeadError("give a fixed value or a grid to sweep, not both")
     if value is not None and not spec.param:
         raise HeadError(f"head {name!r} has no swept parameter to set to {value!r}; pass params instead")
+    if value is not None:
+        _check_value(spec.param, value)
     plan = None if value is not None else _plan(spec, grid, refine_steps, n_train=len(X))
     if plan is None and grid is not None:
         raise HeadError(f"head {name!r} has no swept parameter; pass grid={{'clf__<param>': [values]}}")
@@ -546,6 +569,17 @@ def fit_head(name: str, X, y, *, X_val=None, y_val=None, val_split: float = 0.1,
         estimator=final, sweep=result, chosen=chosen, n_train=len(X_tr), n_val=len(X_va),
         fit_seconds=time.perf_counter() - t0, refit_on_train_val=True, name=name, calibrated=calibrated,
     )
+
+
+def _check_value(param: str, value) -> None:
+    """A fixed regularization value must be a finite positive number (a positive integer for n_neighbors)."""
+    if param == "n_neighbors":
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise HeadError(f"{param}={value!r} must be a positive integer")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) \
+            or value <= 0:
+        raise HeadError(f"{param}={value!r} must be a finite number above 0")
 
 
 def _calibrated(clf, y, name: str) -> CalibratedClassifierCV:

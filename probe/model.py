@@ -29,19 +29,22 @@ import sklearn
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
+from .defaults import DEFAULT_CACHE
 from .errors import ModelCompatibilityError, ProbeError, UntrustedModelError
 from .files import atomic_path
 from .heads import SKOPS_TRUSTED_TYPES
+from .manifest import MANIFEST, ModelFormatError, check_manifest, read_member
+from .options import ExtractOptions
 
 log = logging.getLogger(__name__)
 
 FORMAT = "probe.model"
 FORMAT_VERSION = 1
-MANIFEST = "probe-model.json"
 
 #: skops marks some sklearn-internal types in probe's built-in heads as untrusted (calibrated linear-svm / ridge,
 #: the mlp's optimizer); they are plain data holders, so they load without --trust. Anything else needs trust.
 ALLOWED_TYPES = frozenset(SKOPS_TRUSTED_TYPES)
+TRAIN_KEYS = "train-keys.txt"
 
 
 def keys_digest(keys: Sequence[str], labels: Sequence) -> str:
@@ -93,31 +96,45 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
     def fit(self, X, y):
         raise ProbeError("ProbeModel is built by probe.fit(...) on cached features; refit with `probe fit`")
 
-    def extractor(self, cache="cache", write: bool = False, **options):
-        """An :class:`~probe.extract.Extractor` for this model's feature space (built once, then reused)."""
-        from .sklearn import FeatureExtractor
+    def options(self, cache=DEFAULT_CACHE, write: bool = False, **options) -> ExtractOptions:
+        """The extraction options that reproduce this model's feature space (plus speed / storage ``options``)."""
+        # The recorded weights file is where it was on the training machine; elsewhere the registry's own
+        # lookup finds the weights, and check_backbone refuses them unless their sha256 matches.
+        weights = self.backbone.get("weights_path")
+        if weights and not os.path.isfile(weights):
+            weights = None
+        rec = self.backbone
+        return ExtractOptions.from_kwargs(
+            backbone=rec["name"], weights=weights, layer=rec["layer"], pooling=rec["pooling"], dtype=rec["dtype"],
+            cache=cache, write=write, **options)
 
-        key = (str(cache), write, tuple(sorted(options.items())))
+    def extractor(self, cache=DEFAULT_CACHE, write: bool = False, **options):
+        """An :class:`~probe.engine.Extractor` for this model's feature space (built once, then reused)."""
+        from .engine import Extractor
+
+        opts = self.options(cache, write, **options)
         cached = getattr(self, "_extractor", None)
-        if cached is None or cached[0] != key:
-            # The recorded weights file is where it was on the training machine; elsewhere the registry's own
-            # lookup finds the weights, and check_backbone refuses them unless their sha256 matches.
-            weights = self.backbone.get("weights_path")
-            if weights and not os.path.isfile(weights):
-                weights = None
-            fe = FeatureExtractor(
-                backbone=self.backbone["name"], weights=weights,
-                layer=self.backbone["layer"], pooling=self.backbone["pooling"], dtype=self.backbone["dtype"],
-                cache=cache, write=write, **options,
-            )
-            ex = fe.extractor()
-            self.check_backbone(ex.backbone)
-            self._extractor = (key, ex)
+        if cached is None or cached[0] != opts:
+            ex = Extractor(opts)
+            self.check_backbone(ex.backbone, ex.space)
+            self._extractor = (opts, ex)
         return self._extractor[1]
 
-    def check_backbone(self, backbone) -> None:
-        """Refuse a backbone whose weights, preprocess or output differ from the ones the head was trained on."""
+    def check_backbone(self, backbone, space=None) -> None:
+        """Refuse a backbone whose weights, preprocess, output or feature space differ from the ones the head was
+        trained on (ModelCompatibilityError naming the field)."""
         rec = self.backbone
+        if space is not None:
+            if space.precision != rec.get("precision", space.precision):
+                raise ModelCompatibilityError(
+                    f"model was trained on features computed in precision={rec['precision']}, but this run computes "
+                    f"precision={space.precision}; pass --amp to match (e.g. --amp off for float32)")
+            recorded = rec.get("space_digest")
+            if recorded and space.digest != recorded:
+                name = _space_difference(rec, space)
+                raise ModelCompatibilityError(
+                    f"model was trained in feature space {recorded[:16]}, this run gives {space.id} "
+                    f"(field {name!r} differs); features would not mean what the head learned")
         if backbone.weights_sha256 != rec["weights_sha256"]:
             raise ModelCompatibilityError(
                 f"model was trained on {rec['name']} weights sha256 {rec['weights_sha256'][:16]}..., but the loaded "
@@ -128,7 +145,7 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
         if backbone.dim != rec["dim"]:
             raise ModelCompatibilityError(f"{rec['name']}: backbone gives {backbone.dim}-d features, head expects {rec['dim']}")
 
-    def features(self, X, cache="cache", write: bool = False, strict: bool = True, **options):
+    def features(self, X, cache=DEFAULT_CACHE, write: bool = False, strict: bool = True, **options):
         """FeatureSet of raw inputs (reusing cached rows); ``strict`` raises if any input fails to decode."""
         return self.extractor(cache, write, **options).extract(list(X), strict=strict)
 
@@ -169,7 +186,7 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
             z.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=json_default))
             z.writestr(head_name, head_bytes)
             if self.train_keys is not None:
-                z.writestr("train-keys.txt", "\n".join(self.train_keys))
+                z.writestr(TRAIN_KEYS, "\n".join(self.train_keys))
         return path
 
 
@@ -183,21 +200,24 @@ def json_default(o):
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
+    """The validated manifest of a ``.probe`` file (sizes bounded before reading; every field checked)."""
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as z:
-            manifest = json.loads(z.read(MANIFEST))
+            return check_manifest(z, path, FORMAT, FORMAT_VERSION)
     except FileNotFoundError as e:
         raise ProbeError(f"{path}: no such model file") from e
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
+    except IsADirectoryError as e:
+        raise ProbeError(f"{path}: is a folder, not a model file") from e
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
         raise ProbeError(f"{path}: not a probe model file ({e})") from e
-    if manifest.get("format") != FORMAT:
-        raise ProbeError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    if int(manifest.get("format_version", -1)) > FORMAT_VERSION:
-        raise ModelCompatibilityError(
-            f"{path}: model format_version {manifest['format_version']} is newer than this probe ({FORMAT_VERSION})"
-        )
-    return manifest
+
+
+def _space_difference(record: dict, space) -> str:
+    for name in ("weights_sha256", "preprocess", "layer", "pooling", "dim", "dtype", "precision"):
+        if record.get(name) != getattr(space, name):
+            return name
+    return "format_version"
 
 
 def load(path: str | os.PathLike, *, trust: bool = False, check_versions: bool = True) -> ProbeModel:
@@ -224,11 +244,11 @@ def load(path: str | os.PathLike, *, trust: bool = False, check_versions: bool =
             f"{path}: head saved with scikit-learn {saved}, this is {sklearn.__version__}; "
             "install the same scikit-learn or load with check_versions=False (--ignore-versions)"
         )
-    head_name = manifest.get("head_file", "head.skops")
+    head_name = manifest["head_file"]
     with zipfile.ZipFile(path) as z:
-        head_bytes = z.read(head_name)
-        names = set(z.namelist())
-        train_keys = z.read("train-keys.txt").decode().split("\n") if "train-keys.txt" in names else None
+        head_bytes = read_member(z, path, head_name)
+        keys_bytes = read_member(z, path, TRAIN_KEYS) if TRAIN_KEYS in z.namelist() else None
+    train_keys = _train_keys(keys_bytes, path) if keys_bytes is not None else None
     if head_name.endswith(".joblib"):
         if not trust:
             raise UntrustedModelError(
@@ -253,5 +273,17 @@ def load(path: str | os.PathLike, *, trust: bool = False, check_versions: bool =
             head = sio.loads(head_bytes, trusted=list(untrusted))
         except Exception as e:
             raise ProbeError(f"{path}: unreadable head ({e})") from e
+    if list(map(str, getattr(head, "classes_", []))) != manifest["classes"]:
+        raise ModelFormatError(f"{path}: the head's classes differ from the manifest's 'classes'")
     meta = {k: v for k, v in manifest.items() if k not in ("backbone",)}
     return ProbeModel(backbone=backbone, head=head, meta=meta, train_keys=train_keys)
+
+
+def _train_keys(data: bytes, path: Path) -> list[str]:
+    try:
+        keys = data.decode("ascii").split("\n") if data else []
+    except UnicodeDecodeError as e:
+        raise ModelFormatError(f"{path}: {TRAIN_KEYS} is not ASCII text") from e
+    if any(len(k) != 64 or not all(c in "0123456789abcdef" for c in k) for k in keys):
+        raise ModelFormatError(f"{path}: {TRAIN_KEYS} holds a line that is not a sha256 key")
+    return keys

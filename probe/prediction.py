@@ -16,7 +16,8 @@ from typing import IO, Sequence
 
 import numpy as np
 
-from .engine import FeatureSet
+from .defaults import DEFAULT_CACHE
+from .featureset import FeatureSet
 from .files import atomic_write_text
 from .model import ProbeModel
 from .sources import Record, resolve
@@ -45,7 +46,7 @@ class PredictionResult:
 
 
 def predict(model: ProbeModel, inputs: Sequence[Record | str | os.PathLike] | str | os.PathLike, *,
-            cache="cache", write: bool = False, top_k: int = 5, **extract_options) -> PredictionResult:
+            cache=DEFAULT_CACHE, write: bool = False, top_k: int = 5, **extract_options) -> PredictionResult:
     """Predict every input (files, folders, CSVs or records); an undecodable input gets a row with ``error``."""
     records = inputs if isinstance(inputs, list) and all(isinstance(r, Record) for r in inputs) else resolve(inputs)
     fs = model.features(records, cache=cache, write=write, strict=False, **extract_options)

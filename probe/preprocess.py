@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .defaults import DEFAULT_MAX_PIXELS
 from .errors import ImageDecodeError
-
-#: Refuse images above this many pixels (a decompression bomb guard); Pillow's own default is 89.5 M.
-DEFAULT_MAX_PIXELS = 89_478_485
+from .files import NotRegularFileError, open_regular
 
 _INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -129,9 +128,11 @@ def decode_image(source: str | Path | bytes | Image.Image, max_pixels: int = DEF
         return to_rgb(source)
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
-        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
-    except OSError as e:
-        raise ImageDecodeError(f"{name}: cannot read ({e.strerror or e})") from e
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open_regular(source)
+    except NotRegularFileError as e:
+        raise ImageDecodeError(f"{name}: {e.strerror}") from e
+    except (OSError, ValueError) as e:
+        raise ImageDecodeError(f"{name}: cannot read ({getattr(e, 'strerror', None) or e})") from e
     with fp:
         try:
             with warnings.catch_warnings():

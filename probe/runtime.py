@@ -37,12 +37,12 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, _pool, autocast
+from .defaults import RUNTIMES
 from .errors import ProbeError
 from .files import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "eager", "onnxruntime", "openvino")
 COMPILED = ("onnxruntime", "openvino")  # preference order on a tie
 OPSET = 17
 EXPORT_FOLDER = "runtimes"

@@ -22,16 +22,22 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from .defaults import DEFAULT_BACKBONE
-from .preprocess import DEFAULT_MAX_PIXELS
+from .defaults import DEFAULT_BACKBONE, DEFAULT_MAX_PIXELS
+from .options import ExtractOptions
 
 
 class FeatureExtractor(TransformerMixin, BaseEstimator):
-    """Stateless transformer: paths / PIL images -> features of a frozen backbone."""
+    """Stateless transformer: paths / PIL images -> features of a frozen backbone.
+
+    Its parameters are exactly the fields of :class:`~probe.options.ExtractOptions` (scikit-learn needs them
+    spelled out in ``__init__`` for ``get_params`` / ``clone``; a test keeps the two lists identical), except that
+    ``cache`` defaults to None (no cache) and ``progress`` to False here.
+    """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, *, weights=None, layer=None, pooling=None,
-                 dtype: str = "float32", cache=None, write: bool = True, device=None, amp=None, batch_size=None,
-                 workers=None, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False, runtime: str = "auto"):
+                 dtype: str = "float32", amp="auto", device=None, batch_size=None, workers=None, cache=None,
+                 write: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, segment_rows: int = 1024,
+                 progress: bool = False, runtime: str = "auto"):
         self.backbone = backbone
         self.weights = weights
         self.layer = layer
@@ -44,20 +50,20 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.workers = workers
         self.max_pixels = max_pixels
+        self.segment_rows = segment_rows
         self.progress = progress
         self.runtime = runtime
+
+    def options(self) -> ExtractOptions:
+        return ExtractOptions(**self.get_params())
 
     def extractor(self):
         """The underlying Extractor (backbone loaded once per parameter setting)."""
         from .engine import Extractor
 
-        params = tuple(sorted((k, str(v)) for k, v in self.get_params().items()))
-        if getattr(self, "_extractor_cache", (None,))[0] != params:
-            ex = Extractor(self.backbone, self.cache, weights=self.weights, layer=self.layer, pooling=self.pooling,
-                           dtype=self.dtype, device=self.device, amp=self.amp, batch_size=self.batch_size,
-                           workers=self.workers, write=self.write, max_pixels=self.max_pixels,
-                           progress=self.progress, runtime=self.runtime)
-            self._extractor_cache = (params, ex)
+        options = self.options()
+        if getattr(self, "_extractor_cache", (None,))[0] != options:
+            self._extractor_cache = (options, Extractor(options))
         return self._extractor_cache[1]
 
     def fit(self, X=None, y=None):

@@ -11,11 +11,13 @@ import hashlib
 import logging
 import os
 import sqlite3
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import InputError
+from .files import NotRegularFileError, file_kind, open_regular
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,10 @@ def resolve(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Rec
     out: list[Record] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        kind = _kind(p)
+        if kind not in (None, "file", "directory"):  # a FIFO or device: reported (and skipped) when hashed
+            out.append(Record(str(p)))
+        elif p.is_dir():
             found = from_folder(p)
             if not found:
                 raise InputError(f"{p}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -109,25 +114,57 @@ def resolve(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Rec
     return out
 
 
+def _kind(p: Path) -> str | None:
+    try:
+        return file_kind(os.stat(p).st_mode)
+    except (OSError, ValueError):
+        return None
+
+
 def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a regular file's bytes (a FIFO, device or folder is a NotRegularFileError, never read)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
 class HashMemo:
-    """(absolute path, size, mtime_ns) -> sha256, in SQLite so concurrent runs can share it."""
+    """(absolute path, size, mtime_ns) -> sha256, in SQLite so concurrent runs can share it.
 
-    def __init__(self, path: str | os.PathLike):
+    A memo in a folder this process cannot write (a shared, read-only cache) is opened read-only: lookups work,
+    new hashes are simply not remembered. :meth:`open` returns None when there is no usable memo at all.
+    """
+
+    def __init__(self, path: str | os.PathLike, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
+        if readonly:
+            # immutable=1: no -wal/-shm files are needed (a read-only folder cannot hold them)
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True, timeout=30)
+            self._db.execute("SELECT 1 FROM memo LIMIT 1")
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS memo (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha256 TEXT)"
         )
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, create: bool = True) -> "HashMemo | None":
+        """The memo at ``path``: writable when its folder is, else read-only; None when it does not exist and
+        cannot (or, with ``create=False``, may not) be created, or cannot be read."""
+        path = Path(path)
+        writable = os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+        if not path.exists() and not (create and writable):
+            return None
+        try:
+            return cls(path, readonly=not writable)
+        except sqlite3.Error as e:
+            log.warning("%s: hash memo not usable (%s); hashing every input", path, e)
+            return None
 
     def lookup(self, paths: Sequence[str]) -> dict[str, tuple[int, int, str]]:
         found = {}
@@ -139,6 +176,8 @@ class HashMemo:
         return found
 
     def store(self, rows: Iterable[tuple[str, int, int, str]]) -> None:
+        if self.readonly:
+            return
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO memo VALUES (?, ?, ?, ?)", rows)
 
@@ -164,8 +203,11 @@ def hash_files(paths: Sequence[str], memo: HashMemo | None = None) -> HashResult
     for i, ap in enumerate(abspaths):
         try:
             st = os.stat(ap)
-        except OSError as e:
-            errors[i] = f"{paths[i]}: cannot read ({e.strerror or e})"
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+            errors[i] = f"{paths[i]}: cannot read ({getattr(e, 'strerror', None) or e})"
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            errors[i] = f"{paths[i]}: not a regular file ({file_kind(st.st_mode)}); skipped"
             continue
         hit = known.get(ap)
         if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
@@ -173,6 +215,9 @@ def hash_files(paths: Sequence[str], memo: HashMemo | None = None) -> HashResult
             continue
         try:
             keys[i] = sha256_file(ap)
+        except NotRegularFileError as e:  # replaced by a FIFO or device since the stat
+            errors[i] = f"{paths[i]}: {e.strerror}; skipped"
+            continue
         except OSError as e:
             errors[i] = f"{paths[i]}: cannot read ({e.strerror or e})"
             continue

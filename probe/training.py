@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.base import clone
 
-from .defaults import DEFAULT_BACKBONE
+from .defaults import DEFAULT_BACKBONE, DEFAULT_CACHE
 from .errors import ProbeError, StrictModeError
 from .files import atomic_write_text
-from .engine import ExtractStats, Extractor, FeatureSet
+from .engine import Extractor, make_options
+from .featureset import ExtractStats, FeatureSet
 from .heads import blas_threads, fit_head, head_description, head_spec
 from .metrics import classification_metrics, format_report, plot_confusion_matrix
 from .model import ProbeModel, json_default, keys_digest
@@ -72,6 +73,9 @@ def split_by_key(keys: list[str], labels: np.ndarray, fraction: float, seed: int
     from sklearn.model_selection import train_test_split
 
     uniq = list(dict.fromkeys(keys))
+    if len(uniq) < 2:
+        raise ProbeError(f"cannot hold out a validation split: the data holds {len(uniq)} distinct input(s) "
+                         f"({len(keys)} rows); add inputs or give --val DATA")
     first_label = {}
     for k, lab in zip(keys, labels):
         first_label.setdefault(k, lab)
@@ -100,7 +104,7 @@ def fit(
     clf: str = "logreg",
     *,
     backbone: str = DEFAULT_BACKBONE,
-    cache="cache",
+    cache=DEFAULT_CACHE,
     val=None,
     val_split: float = 0.1,
     value: float | None = None,
@@ -122,7 +126,7 @@ def fit(
     if val is None and val_split <= 0 and value is None and head_spec(clf).param:
         raise ProbeError(f"--val-split 0 leaves no data to choose {head_spec(clf).param} on; "
                          "give --val DATA, a --val-split above 0, or a fixed --C / --alpha")
-    ex = Extractor(backbone, cache, **extract_options)
+    ex = Extractor(make_options(backbone, cache, **extract_options))
     train = ex.extract(resolve(data), extract_missing=extract_missing)
     _check_failures(train, "training", strict)
     y_all = train.y
@@ -180,20 +184,8 @@ def fit(
         "leakage": len(leakage),
         "sweep": _sweep_dict(hf.sweep),
     })
-    space = ex.space
     model = ProbeModel(
-        backbone={
-            "name": space.backbone,
-            "weights_sha256": space.weights_sha256,
-            "weights_path": ex.backbone.weights_path,
-            "layer": space.layer,
-            "pooling": space.pooling,
-            "preprocess": space.preprocess,
-            "dim": space.dim,
-            "dtype": space.dtype,
-            "precision": space.precision,
-            "space_digest": space.digest,
-        },
+        backbone=backbone_record(ex.space, ex.backbone.weights_path),
         head=head,
         meta={
             "head": {"name": clf, **head_description(head), "chosen": hf.chosen},
@@ -219,7 +211,14 @@ def fit(
     return result
 
 
-def evaluate(model: ProbeModel, data, *, cache="cache", write: bool = False, strict: bool = False,
+def backbone_record(space, weights_path: str | None) -> dict:
+    """The model's backbone record: the feature space's own description (``backbone`` named ``name``), where the
+    weights were read, and the space digest that loading checks."""
+    record = space.to_dict()
+    return {"name": record.pop("backbone"), **record, "weights_path": weights_path, "space_digest": space.digest}
+
+
+def evaluate(model: ProbeModel, data, *, cache=DEFAULT_CACHE, write: bool = False, strict: bool = False,
              output_dir: str | os.PathLike | None = None, **extract_options) -> EvalResult:
     """Score a model on labelled data (features from the cache where present); reports overlap with training."""
     fs = model.features(resolve(data), cache=cache, write=write, strict=False, **extract_options)

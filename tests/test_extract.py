@@ -17,7 +17,8 @@ from PIL import Image
 
 from conftest import REPO_ROOT, TINY, invoke, make_image, make_image_folder, probe_command, subprocess_env
 from probe.cache import FeatureCache
-from probe.engine import Extractor, extract, pil_key, resolve_device, resolve_precision, write_run_report
+from probe.engine import Extractor, extract, pil_key, resolve_device, resolve_precision
+from probe.featureset import write_run_report
 from probe.errors import CacheMismatchError, ProbeError, StrictModeError
 from probe.sources import resolve
 

@@ -143,7 +143,7 @@ def test_auto_stays_eager_without_a_cache_on_amp_or_on_cuda(tmp_path):
 
 
 def test_explicit_runtime_errors_are_one_line(monkeypatch):
-    with pytest.raises(ProbeError, match="runtime 'tensorrt' is not one of auto, eager, onnxruntime, openvino"):
+    with pytest.raises(ProbeError, match="runtime='tensorrt' is not one of auto, eager, onnxruntime, openvino"):
         Extractor(TINY, None, runtime="tensorrt")
     with pytest.raises(ProbeError, match="float32; pass --amp off"):
         rt.check_runtime("onnxruntime", "cpu", "bfloat16")
