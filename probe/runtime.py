@@ -333,7 +333,7 @@ def make_runner(backbone: Backbone, runtime: str = "auto", device: torch.device 
         return EagerRunner(backbone, device, precision)
     if runtime != "auto":
         with _export_folder(cache_root) as folder:
-            return _compiled_or_eager(backbone, runtime, folder)
+            return _compiled_or_eager(backbone, runtime, folder, remember=cache_root is not None)
     candidates = [r for r in COMPILED if available(r)]
     if device.type != "cpu" or precision != "float32" or cache_root is None or not candidates:
         return EagerRunner(backbone, device, precision)
@@ -371,8 +371,21 @@ def measure_runners(runners: list[Runner], input_size: int, batch_size: int) -> 
     return rates
 
 
-def _compiled_or_eager(backbone: Backbone, runtime: str, folder: Path) -> Runner:
-    """A compiled runner checked against eager on a seeded batch; eager (one warning) when that fails."""
+def _compiled_or_eager(backbone: Backbone, runtime: str, folder: Path, remember: bool = True) -> Runner:
+    """A compiled runner checked against eager on a seeded batch; eager (one warning) when that fails.
+
+    Made once per loaded backbone, runtime and export folder in a process: Extractors sharing a Backbone (the
+    Python API, benchmarks, a server) share the compiled model too, as they share the torch module."""
+    if not remember:
+        return _build(backbone, runtime, folder)
+    made = backbone.__dict__.setdefault("_runners", {})
+    key = (runtime, str(Path(folder).resolve()))
+    if key not in made:
+        made[key] = _build(backbone, runtime, folder)
+    return made[key]
+
+
+def _build(backbone: Backbone, runtime: str, folder: Path) -> Runner:
     eager = EagerRunner(backbone, "cpu")
     try:
         path = export_onnx(backbone, folder)
