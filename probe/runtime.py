@@ -348,9 +348,10 @@ def make_runner(backbone: Backbone, runtime: str = "auto", device: torch.device 
     runners: list[Runner] = [EagerRunner(backbone, device)]
     for name in candidates:
         r = _compiled_or_eager(backbone, name, folder)
-        if r.name == "eager":  # the export failed: no other compiled runtime can do better
-            break
-        runners.append(r)
+        if r.name != "eager":
+            runners.append(r)
+        elif export_path(backbone, folder).with_suffix(".failed").exists():
+            break  # the export failed: no compiled runtime can run this backbone
     rates = measure_runners(runners, backbone.preprocess.crop, batch_size)
     best = max(runners, key=lambda r: rates[r.name])
     log.info("runtime choice for %s (batch %d, %d threads): %s -> %s", backbone.name, batch_size,
