@@ -340,7 +340,9 @@ class Extractor:
         t = time.perf_counter()
         runner = self._choose_runner(len(todo))
         bs = self._choose_batch_size(len(todo), runner)
-        stats.seconds["tune"] = time.perf_counter() - t  # first run per device only: tuning.json remembers it
+        # One-off: export (once per cache), runtime choice and batch size (once per device, in tuning.json), building
+        # the runner (once per process).
+        stats.seconds["tune"] = time.perf_counter() - t
         stats.batch_size = bs
         stats.runtime = runner.name
         cuda = self.device.type == "cuda"
