@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .defaults import DEFAULT_BACKBONE, DEFAULT_CACHE, POOLINGS
+from .defaults import DEFAULT_BACKBONE, DEFAULT_CACHE, POOLINGS, RUNTIMES
 from .errors import ProbeError
 
 
@@ -72,7 +72,7 @@ def _apply(f, opts):
 
 
 def compute_options(f):
-    """How extraction runs: device, precision, batching, workers, limits, progress."""
+    """How extraction runs: device, precision, batching, workers, limits, progress, runtime."""
     return _apply(f, [
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
         click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True,
@@ -84,6 +84,10 @@ def compute_options(f):
         click.option("--max-pixels", type=click.IntRange(min=1), default=None,
                      help="Refuse larger images (decompression-bomb guard)."),
         click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal)."),
+        click.option("--runtime", type=click.Choice(RUNTIMES), default="auto",
+                     show_default=True,
+                     help="What runs the backbone: eager PyTorch, or ONNX Runtime / OpenVINO on the CPU "
+                          "(pip install 'probe[fast]'); auto measures once and keeps the fastest."),
     ])
 
 

@@ -13,7 +13,7 @@ import difflib
 import os
 from dataclasses import dataclass
 
-from .defaults import DEFAULT_BACKBONE, DEFAULT_CACHE, DEFAULT_MAX_PIXELS, POOLINGS
+from .defaults import DEFAULT_BACKBONE, DEFAULT_CACHE, DEFAULT_MAX_PIXELS, POOLINGS, RUNTIMES
 from .errors import ProbeError
 from .space import DTYPES
 
@@ -34,9 +34,10 @@ class ExtractOptions:
     ``reduced``; None: the backbone's default) and (through ``amp`` and ``device``) the compute precision decide
     the feature space; the rest decide only speed and where rows go: ``cache`` (None: no cache),
     ``write`` (False: read the cache, keep new features in memory), ``batch_size`` (None: tuned per device),
-    ``workers`` (loader processes; None: by device), ``threads`` (decode threads, 0: decode in the calling thread; None: measured default),
-    ``max_pixels`` (decompression-bomb limit), ``segment_rows`` (rows per cache
-    segment), ``progress`` (None: a bar on a terminal only).
+    ``workers`` (loader processes; None: by device), ``threads`` (decode threads, 0: decode in the calling
+    thread; None: measured default), ``max_pixels`` (decompression-bomb limit), ``segment_rows`` (rows per cache
+    segment), ``progress`` (None: a bar on a terminal only), ``runtime`` (what runs the backbone: auto, eager,
+    onnxruntime, openvino; see :mod:`probe.runtime`).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -55,6 +56,7 @@ class ExtractOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     segment_rows: int = 1024
     progress: bool | None = None
+    runtime: str = "auto"
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen dataclass
@@ -88,6 +90,8 @@ class ExtractOptions:
                 raise OptionError(f"{name}={value!r} must be an integer >= {low}")
         if not isinstance(self.write, bool):
             raise OptionError(f"write={self.write!r} must be True or False")
+        if self.runtime not in RUNTIMES:
+            raise OptionError(f"runtime={self.runtime!r} is not one of {', '.join(RUNTIMES)}")
         if self.progress is not None and not isinstance(self.progress, bool):
             raise OptionError(f"progress={self.progress!r} must be True, False or None")
 

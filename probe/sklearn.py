@@ -37,7 +37,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     def __init__(self, backbone: str = DEFAULT_BACKBONE, *, weights=None, layer=None, pooling=None,
                  dtype: str = "float32", decode=None, amp="auto", device=None, batch_size=None, workers=None,
                  threads=None, cache=None, write: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 segment_rows: int = 1024, progress: bool = False):
+                 segment_rows: int = 1024, progress: bool = False, runtime: str = "auto"):
         self.backbone = backbone
         self.weights = weights
         self.layer = layer
@@ -54,6 +54,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.max_pixels = max_pixels
         self.segment_rows = segment_rows
         self.progress = progress
+        self.runtime = runtime
 
     def options(self) -> ExtractOptions:
         return ExtractOptions(**self.get_params())

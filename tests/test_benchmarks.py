@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, TINY
+from conftest import REPO_ROOT, TINY, subprocess_env
 
 BENCH = REPO_ROOT / "benchmarks"
 MACHINE = {"date", "cpu_count", "cpu_model", "torch_version", "torch_threads", "device", "git_commit", "scale", "data"}
@@ -32,6 +31,8 @@ COLUMNS = {
     "memory": {"run", "inputs", "dtype", "peak_rss_mb", "bytes_per_row", "test_accuracy", "ratio"},
     "photos": {"measure", "config", "decode", "rep", "images", "ms_per_image", "ips", "ratio", "decode_threads",
                "data_wait_s", "model_s", "max_abs", "mean_abs", "min_cosine"},
+    "runtime": {"backbone", "runtime", "rep", "images", "batch_size", "extract_ips", "forward_ips", "ratio", "speedup",
+                "predict_ips", "predict_speedup", "setup_s", "data_wait_s", "model_s"},
 }
 TOY = ["--scale", "tiny", "--backbone", TINY, "--speed-backbone", TINY]
 
@@ -42,8 +43,7 @@ def _snapshot(folder: Path) -> dict:
 
 def _run(args, env=None, timeout=300):
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT),
-                                                **(env or {})})
+                          timeout=timeout, env=subprocess_env(PYTHONUNBUFFERED="1", **(env or {})))  # this checkout
 
 
 def _rows(path: Path) -> list[dict]:
@@ -74,7 +74,7 @@ def test_run_all_writes_every_result_file(toy_run):
         assert {r["data"] for r in rows} == {"generated"}
     run = json.loads((out / "run.json").read_text())
     assert set(run["benchmarks"]) == {"throughput", "handloop", "refit", "incremental", "sweep", "accuracy", "memory",
-                                      "photos"}
+                                      "photos", "runtime"}
     assert not [name for name, s in run["benchmarks"].items() if "error" in s]
 
 
@@ -109,7 +109,7 @@ def test_run_all_builds_readme_and_plot(toy_run):
     readme = (out / "README.md").read_text()
     for title in ("1. Extraction throughput", "2. probe.extract vs the hand-written loop", "3. Refit from cache",
                   "4. Incremental extraction", "5. Regularization sweep", "6. Linear-probe accuracy",
-                  "7. Memory and storage", "8. Camera-sized JPEGs", "## Summary"):
+                  "7. Memory and storage", "8. Camera-sized JPEGs", "9. Inference runtimes", "## Summary"):
         assert title in readme
     assert "failed in the last run" not in readme
     assert (out / "throughput_vs_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

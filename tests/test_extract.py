@@ -434,7 +434,7 @@ def _fake_tuning(monkeypatch, threshold=64) -> list[int]:
     calls: list[int] = []
     monkeypatch.setattr(engine, "AUTOTUNE_MIN_INPUTS", threshold)
     monkeypatch.setattr(tuning, "measure_throughput",
-                        lambda bb, dev, bs, precision: calls.append(bs) or {8: 50.0, 16: 80.0}.get(bs, 10.0))
+                        lambda runner, bs, size: calls.append(bs) or {8: 50.0, 16: 80.0}.get(bs, 10.0))
     return calls
 
 
