@@ -14,6 +14,7 @@ any named submodule instead, reduced by ``pooling`` (avg, max, cls, flatten).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import io
@@ -72,6 +73,13 @@ class Backbone:
             dtype=dtype,
             precision=precision,
         )
+
+    def with_decode(self, decode: str | None) -> "Backbone":
+        """This backbone with JPEG decoding ``decode`` ("exact" / "reduced"; None keeps its default). The decode
+        method is part of the preprocess, so another one is another feature space."""
+        if decode is None or decode == self.preprocess.decode:
+            return self
+        return dataclasses.replace(self, preprocess=dataclasses.replace(self.preprocess, decode=decode))
 
     def to(self, device: torch.device | str) -> "Backbone":
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format

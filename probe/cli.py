@@ -145,13 +145,32 @@ def backbones(show_all, as_json):
               help="Rows per cache segment (a killed run loses at most one open segment).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Machine-readable JSON run report (default: <cache>/last-extract.json).")
-def extract(inputs, strict, report_path, **o):
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: a Ray cluster (pip install 'probe[ray]'), writing the same cache.")
+@click.option("--address", default=None,
+              help="--engine ray: the cluster (auto, ray://HOST:10001; default: start a local one).")
+@click.option("--num-gpus-per-worker", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="--engine ray: GPUs per backbone actor (0: CPU actors).")
+@click.option("--actors", type=click.IntRange(min=1), default=None,
+              help="--engine ray: backbone actors (default: one per --num-gpus-per-worker GPUs, or per 4 CPUs).")
+def extract(inputs, strict, report_path, engine, address, num_gpus_per_worker, actors, **o):
     """Extract features of INPUTS (folders, CSV/TSV files, image files) into the cache."""
     from .engine import extract as run_extract
     from .featureset import RUN_REPORT_FILE, write_run_report
 
     opts = extract_options(o)
-    fs = run_extract(list(inputs), opts)
+    ray_only = {"--address": address is not None, "--num-gpus-per-worker": bool(num_gpus_per_worker),
+                "--actors": actors is not None}
+    if engine == "local":
+        given = [name for name, v in ray_only.items() if v]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} apply only to --engine ray")
+        fs = run_extract(list(inputs), opts)
+    else:
+        from .distributed import extract_ray
+
+        fs = extract_ray(list(inputs), opts, address=address, num_gpus_per_worker=num_gpus_per_worker,
+                         actors=actors)
     report = write_run_report(report_path or Path(opts.cache) / RUN_REPORT_FILE, fs)
     click.echo(f"space {fs.space.id} ({fs.space.backbone}, {fs.space.dim}-d) in {opts.cache}")
     click.echo(fs.stats.summary())
@@ -257,15 +276,26 @@ def evaluate(model, data, cache, output_dir, strict, **o):
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Write here (atomically) instead of stdout.")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Write here (atomically) instead of stdout; with --engine ray a folder (required).")
 @click.option("--cache", type=click.Path(file_okay=False), default=None,
-              help=f"Read cached features here and store new ones (default: read {DEFAULT_CACHE}/, write nothing).")
+              help=f"Read cached features here and store new ones (default: read {DEFAULT_CACHE}/, write nothing; "
+                   f"--engine ray writes to {DEFAULT_CACHE}/).")
 @click.option("--evaluate", "show_eval", is_flag=True, help="Inputs carry labels: print the evaluation to stderr.")
 @click.option("--strict", is_flag=True, help="Exit non-zero when any input failed (rows are still written).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: extract on a Ray cluster and write one predictions file per block + manifest.json into "
+                   "-o DIR; a rerun writes only the missing blocks.")
+@click.option("--address", default=None, help="--engine ray: the cluster (auto, ray://HOST:10001).")
+@click.option("--num-gpus-per-worker", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="--engine ray: GPUs per backbone actor.")
+@click.option("--actors", type=click.IntRange(min=1), default=None, help="--engine ray: backbone actors.")
+@click.option("--block-rows", type=click.IntRange(min=1), default=None,
+              help="--engine ray: inputs per predictions file (default 10000).")
 @compute_options
 @_model_options
-def predict(model, inputs, fmt, top_k, output, cache, show_eval, strict, **o):
+def predict(model, inputs, fmt, top_k, output, cache, show_eval, strict, engine, address, num_gpus_per_worker,
+            actors, block_rows, **o):
     """Predict classes of INPUTS (files, folders, CSVs; `-` reads paths from stdin) with MODEL."""
     from .files import check_output_target
     from .prediction import predict as run_predict
@@ -273,7 +303,18 @@ def predict(model, inputs, fmt, top_k, output, cache, show_eval, strict, **o):
     from .sources import Record, resolve
     from .training import evaluate_features
 
-    if output:
+    ray_only = {"--address": address is not None, "--num-gpus-per-worker": bool(num_gpus_per_worker),
+                "--actors": actors is not None, "--block-rows": block_rows is not None}
+    if engine == "ray":
+        if not output:
+            raise click.UsageError("--engine ray writes predictions into a folder: give -o DIR")
+        if show_eval:
+            raise click.UsageError("--evaluate is not available with --engine ray (use `probe evaluate`)")
+    elif any(ray_only.values()):
+        raise click.UsageError(f"{', '.join(n for n, v in ray_only.items() if v)} apply only to --engine ray")
+    elif output:
+        if Path(output).is_dir():  # -o names a file here (a folder only with --engine ray)
+            raise click.BadParameter(f"File {output!r} is a directory.", param_hint="'-o' / '--output'")
         check_output_target(output)  # refuse a symlink / device target before any work
     m = _load_model(model, o)
     records = []
@@ -282,6 +323,12 @@ def predict(model, inputs, fmt, top_k, output, cache, show_eval, strict, **o):
             records.extend(Record(line.rstrip("\r\n")) for line in sys.stdin if line.strip())
         else:
             records.extend(resolve(item))
+    if engine == "ray":
+        res = _predict_ray(m, records, output, cache, fmt, top_k, block_rows, address, num_gpus_per_worker,
+                           actors, o)
+        if strict and res.failed:
+            raise click.ClickException(f"--strict: {res.failed} of {len(records)} inputs failed")
+        return
     res = run_predict(m, records, cache=cache or DEFAULT_CACHE, write=cache is not None, top_k=top_k,
                       **_compute_kwargs(o))
     if output:
@@ -296,6 +343,21 @@ def predict(model, inputs, fmt, top_k, output, cache, show_eval, strict, **o):
         click.echo(f"failed: {r.error}", err=True)
     if strict and res.errors:
         raise click.ClickException(f"--strict: {len(res.errors)} of {len(res.rows)} inputs failed")
+
+
+def _predict_ray(model, records, output, cache, fmt, top_k, block_rows, address, num_gpus, actors, o):
+    from .batch_scoring import DEFAULT_BLOCK_ROWS, predict_ray
+
+    kwargs = {k: v for k, v in _compute_kwargs(o).items() if k not in ("device", "workers") or v is not None}
+    res = predict_ray(model, records, output, cache=cache or DEFAULT_CACHE, fmt=fmt, top_k=top_k,
+                      block_rows=block_rows or DEFAULT_BLOCK_ROWS, address=address, num_gpus_per_worker=num_gpus,
+                      actors=actors, **kwargs)
+    if res.features is not None:
+        for f in res.features.failures:
+            click.echo(f"failed: {f.error}", err=True)
+    click.echo(f"{len(res.blocks)} blocks: {res.written} written, {res.skipped} already there; "
+               f"{res.failed} inputs failed; manifest {res.manifest}")
+    return res
 
 
 @cli.group(cls=ProbeGroup)

@@ -14,7 +14,6 @@ when asked.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import os
@@ -160,10 +159,8 @@ class Extractor:
         self.precision = resolve_precision(opts.amp, self.device)
         self.runtime = check_runtime(opts.runtime, self.device, self.precision)
         self._runner = None
-        self.backbone = loaded or load_backbone(opts.backbone, opts.weights, opts.layer, opts.pooling)
-        if opts.decode is not None and opts.decode != self.backbone.preprocess.decode:  # a separate space
-            pre = dataclasses.replace(self.backbone.preprocess, decode=opts.decode)
-            self.backbone = dataclasses.replace(self.backbone, preprocess=pre)
+        self.backbone = (loaded or load_backbone(opts.backbone, opts.weights, opts.layer, opts.pooling)).with_decode(
+            opts.decode)
         self.backbone.to(self.device)
         self.space = self.backbone.feature_space(dtype=opts.dtype, precision=self.precision)
         self.cache = FeatureCache(opts.cache) if opts.cache is not None else None

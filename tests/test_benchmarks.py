@@ -33,6 +33,8 @@ COLUMNS = {
                "data_wait_s", "model_s", "max_abs", "mean_abs", "min_cosine"},
     "runtime": {"backbone", "runtime", "rep", "images", "batch_size", "extract_ips", "forward_ips", "ratio", "speedup",
                 "predict_ips", "predict_speedup", "setup_s", "data_wait_s", "model_s"},
+    "ray": {"engine", "images", "wall_s", "start_s", "job_s", "actors", "ips", "crossover", "estimate_wall_h",
+            "decode_s_per_image", "hash_s_per_image"},
 }
 TOY = ["--scale", "tiny", "--backbone", TINY, "--speed-backbone", TINY]
 
@@ -74,7 +76,7 @@ def test_run_all_writes_every_result_file(toy_run):
         assert {r["data"] for r in rows} == {"generated"}
     run = json.loads((out / "run.json").read_text())
     assert set(run["benchmarks"]) == {"throughput", "handloop", "refit", "incremental", "sweep", "accuracy", "memory",
-                                      "photos", "runtime"}
+                                      "photos", "runtime", "ray"}
     assert not [name for name, s in run["benchmarks"].items() if "error" in s]
 
 
@@ -101,6 +103,11 @@ def test_run_all_rows_are_complete(toy_run):
     assert all(int(r["new"]) == int(r["images"]) == 6 for r in photos if r["measure"] == "extract")
     reduced = next(r for r in medians if r["measure"] == "decode" and r["decode"] == "reduced")
     assert float(reduced["min_cosine"]) > 0.9 and float(reduced["mean_abs"]) < 5
+    ray = _rows(out / "ray.csv")
+    assert [(r["engine"], r["images"]) for r in ray if r["engine"] in ("local", "ray")] == [("local", "8"), ("ray", "8")]
+    assert all(r["new"] == "8" for r in ray if r["engine"] in ("local", "ray"))
+    assert [r["workers"] for r in ray if r["engine"] == "estimate"] == ["1", "8", "64"]
+    assert len([r for r in ray if r["engine"] == "crossover"]) == 1
 
 
 @pytest.mark.slow
@@ -109,7 +116,8 @@ def test_run_all_builds_readme_and_plot(toy_run):
     readme = (out / "README.md").read_text()
     for title in ("1. Extraction throughput", "2. probe.extract vs the hand-written loop", "3. Refit from cache",
                   "4. Incremental extraction", "5. Regularization sweep", "6. Linear-probe accuracy",
-                  "7. Memory and storage", "8. Camera-sized JPEGs", "9. Inference runtimes", "## Summary"):
+                  "7. Memory and storage", "8. Camera-sized JPEGs", "9. Inference runtimes", "10. Distributed extraction",
+                  "## Summary"):
         assert title in readme
     assert "failed in the last run" not in readme
     assert (out / "throughput_vs_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
