@@ -4,6 +4,8 @@
                                          --> classifier two-sample test (cross-validated AUC, Mann-Whitney p-value)
     with a model: predicted labels       --> chi-square on the label distribution
                   top-class confidence   --> shift in mean confidence (Mann-Whitney p-value)
+                  (reference predictions are cross-fitted: the head refit on the other folds of its training
+                  set predicts each fold, so both sides are predictions on unseen inputs)
     --> one verdict (Bonferroni over the tests), the most shifted current inputs
 
 The statistics are written here (a few dozen lines) rather than taken from alibi-detect, whose dependency tree is
@@ -265,14 +267,49 @@ def check_model(model, current, *, cache="cache", alpha: float = DEFAULT_ALPHA, 
     FeatureSet) skips extracting ``current``."""
     from .sources import resolve
 
-    ref = training_features(model, cache)
+    if model.train_set is not None:
+        label_of: dict = {}
+        for k, lab in zip(*model.train_set):
+            label_of.setdefault(k, lab)
+        keys = list(label_of)
+        ref = training_features(model, cache, keys)
+        ref_proba = cross_fitted_proba(model, ref, [label_of[k] for k in keys], seed)
+    else:
+        ref = training_features(model, cache)
+        ref_proba = None
+        log.warning("the model records no training labels: the predicted-label and confidence tests are skipped "
+                    "(on its own training inputs a head is over-confident, which would read as drift)")
     if current_features is None:
         current_features = model.features(resolve(current), cache=cache, write=True, strict=False,
                                           **extract_options)
     cur = current_features
-    return detect(ref, cur.features, current_paths=cur.paths, reference_proba=model.predict_proba_features(ref),
-                  current_proba=model.predict_proba_features(cur.features), classes=model.classes_, alpha=alpha,
-                  seed=seed, n_permutations=n_permutations, max_samples=max_samples)
+    return detect(ref, cur.features, current_paths=cur.paths, reference_proba=ref_proba,
+                  current_proba=None if ref_proba is None else model.predict_proba_features(cur.features),
+                  classes=model.classes_, alpha=alpha, seed=seed, n_permutations=n_permutations,
+                  max_samples=max_samples)
+
+
+def cross_fitted_proba(model, X: np.ndarray, y, seed: int = 0, folds: int = DEFAULT_FOLDS) -> np.ndarray | None:
+    """Out-of-fold class probabilities of the model's training inputs: the head (same settings) refit on the
+    other folds predicts each fold, so the reference predictions are made on unseen inputs, like the current
+    ones. (In-sample predictions are over-confident and would make every new data set look drifted.)
+    None when some class has fewer than 2 training inputs."""
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray([str(v) for v in y], dtype=object)
+    classes = [str(c) for c in model.classes_]
+    counts = [int((y == c).sum()) for c in classes]
+    k = min(folds, min(counts))
+    if k < 2:
+        log.warning("a class has fewer than 2 training inputs: predicted-label and confidence tests skipped")
+        return None
+    proba = np.zeros((len(y), len(classes)))
+    for tr, te in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X, y):
+        head = clone(model.head).fit(X[tr], y[tr])
+        cols = [classes.index(str(c)) for c in head.classes_]
+        proba[np.ix_(te, cols)] = head.predict_proba(X[te])
+    return proba
 
 
 def training_features(model, cache="cache", keys: Sequence[str] | None = None) -> np.ndarray:
