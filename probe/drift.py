@@ -176,7 +176,10 @@ def classifier_test(X, Y, *, folds: int = DEFAULT_FOLDS, seed: int = 0,
     side = np.concatenate([np.zeros(len(xi), dtype=int), np.ones(len(yi), dtype=int)])
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=300))
     tr, te = train_test_split(np.arange(len(Z)), test_size=0.5, stratify=side, random_state=seed)
-    held = clf.fit(Z[tr], side[tr]).decision_function(Z[te])
+    from .heads import blas_threads
+
+    with blas_threads():  # lbfgs on a few hundred rows: extra BLAS threads only contend (see probe/heads.py)
+        held = clf.fit(Z[tr], side[tr]).decision_function(Z[te])
     cur, ref = held[side[te] == 1], held[side[te] == 0]
     res = mannwhitneyu(cur, ref, alternative="greater")
     auc = float(res.statistic) / (len(cur) * len(ref))
@@ -185,7 +188,8 @@ def classifier_test(X, Y, *, folds: int = DEFAULT_FOLDS, seed: int = 0,
         k = int(max(2, min(folds, len(xi), len(yi))))
         oof = np.empty(len(Z))
         for a, b in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(Z, side):
-            oof[b] = clf.fit(Z[a], side[a]).decision_function(Z[b])
+            with blas_threads():
+                oof[b] = clf.fit(Z[a], side[a]).decision_function(Z[b])
         detail.update({"cv_auc": float(roc_auc_score(side, oof)), "folds": k,
                        "current_scores": (1 / (1 + np.exp(-oof[side == 1]))).tolist(), "current_index": yi.tolist()})
     return TestResult("classifier", auc, float(res.pvalue), detail)
@@ -304,9 +308,12 @@ def cross_fitted_proba(model, X: np.ndarray, y, seed: int = 0, folds: int = DEFA
     if k < 2:
         log.warning("a class has fewer than 2 training inputs: predicted-label and confidence tests skipped")
         return None
+    from .heads import blas_threads
+
     proba = np.zeros((len(y), len(classes)))
     for tr, te in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X, y):
-        head = clone(model.head).fit(X[tr], y[tr])
+        with blas_threads():
+            head = clone(model.head).fit(X[tr], y[tr])
         cols = [classes.index(str(c)) for c in head.classes_]
         proba[np.ix_(te, cols)] = head.predict_proba(X[te])
     return proba
