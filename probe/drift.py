@@ -40,6 +40,8 @@ DEFAULT_PERMUTATIONS = 200
 DEFAULT_MAX_SAMPLES = 1000
 DEFAULT_FOLDS = 5
 TOP_SHIFTED = 10
+#: With --model, at most this many training inputs form the reference (and are cross-fitted for the model tests).
+REFERENCE_MAX = 10000
 
 
 @dataclass
@@ -275,11 +277,11 @@ def check_model(model, current, *, cache="cache", alpha: float = DEFAULT_ALPHA, 
         label_of: dict = {}
         for k, lab in zip(*model.train_set):
             label_of.setdefault(k, lab)
-        keys = list(label_of)
+        keys = _bounded(list(label_of), seed)
         ref = training_features(model, cache, keys)
         ref_proba = cross_fitted_proba(model, ref, [label_of[k] for k in keys], seed)
     else:
-        ref = training_features(model, cache)
+        ref = training_features(model, cache, _bounded(list(model.train_keys or []), seed))
         ref_proba = None
         log.warning("the model records no training labels: the predicted-label and confidence tests are skipped "
                     "(on its own training inputs a head is over-confident, which would read as drift)")
@@ -291,6 +293,15 @@ def check_model(model, current, *, cache="cache", alpha: float = DEFAULT_ALPHA, 
                   current_proba=None if ref_proba is None else model.predict_proba_features(cur.features),
                   classes=model.classes_, alpha=alpha, seed=seed, n_permutations=n_permutations,
                   max_samples=max_samples)
+
+
+def _bounded(keys: list[str], seed: int) -> list[str]:
+    """At most :data:`REFERENCE_MAX` of a model's training keys (a seeded subset, in their order)."""
+    if len(keys) <= REFERENCE_MAX:
+        return keys
+    idx = subsample(len(keys), REFERENCE_MAX, np.random.default_rng(seed))
+    log.info("reference: %d of the model's %d training inputs (seeded subset)", REFERENCE_MAX, len(keys))
+    return [keys[i] for i in idx]
 
 
 def cross_fitted_proba(model, X: np.ndarray, y, seed: int = 0, folds: int = DEFAULT_FOLDS) -> np.ndarray | None:

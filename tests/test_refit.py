@@ -121,3 +121,16 @@ def test_refit_killed_before_promotion_leaves_the_old_champion(setup):
     rerun = invoke(*args, expect=None)
     assert rerun.exit_code in (0, 3), rerun.output
     assert [v.version for v in Registry(setup["reg"].root).versions("shoes")] == [1, 2]
+
+
+def test_model_drift_reference_is_the_cached_training_set_bounded(setup, monkeypatch):
+    from probe import drift
+    from probe.registry import load_model
+
+    model = load_model("shoes", registry=setup["reg"])
+    same = make_image_folder(setup["tmp"] / "same", COLORS, per_class=4, seed=50)
+    shutil.rmtree(setup["train"])  # reference features come from the cache only
+    report = drift.check_model(model, same, cache=setup["cache"], n_permutations=20, **CPU)
+    assert report.n_reference == 24 and report.n_current == 12
+    monkeypatch.setattr(drift, "REFERENCE_MAX", 10)
+    assert drift.check_model(model, same, cache=setup["cache"], n_permutations=20, **CPU).n_reference == 10
