@@ -35,6 +35,8 @@ COLUMNS = {
                 "predict_ips", "predict_speedup", "setup_s", "data_wait_s", "model_s"},
     "ray": {"engine", "images", "wall_s", "start_s", "job_s", "actors", "ips", "crossover", "estimate_wall_h",
             "decode_s_per_image", "hash_s_per_image"},
+    "shift": {"phase", "item", "statistic", "p_value", "accuracy", "seconds", "ratio", "champion_score",
+              "challenger_score"},
 }
 TOY = ["--scale", "tiny", "--backbone", TINY, "--speed-backbone", TINY]
 
@@ -76,7 +78,7 @@ def test_run_all_writes_every_result_file(toy_run):
         assert {r["data"] for r in rows} == {"generated"}
     run = json.loads((out / "run.json").read_text())
     assert set(run["benchmarks"]) == {"throughput", "handloop", "refit", "incremental", "sweep", "accuracy", "memory",
-                                      "photos", "runtime", "ray"}
+                                      "photos", "runtime", "ray", "shift"}
     assert not [name for name, s in run["benchmarks"].items() if "error" in s]
 
 
@@ -108,6 +110,13 @@ def test_run_all_rows_are_complete(toy_run):
     assert all(r["new"] == "8" for r in ray if r["engine"] in ("local", "ray"))
     assert [r["workers"] for r in ray if r["engine"] == "estimate"] == ["1", "8", "64"]
     assert len([r for r in ray if r["engine"] == "crossover"]) == 1
+    shift = _rows(out / "shift.csv")
+    assert {r["phase"] for r in shift} >= {"drift: no shift", "drift: shift", "gate", "accuracy on shifted test",
+                                           "time", "ratio"}
+    assert {r["item"] for r in shift if r["phase"] == "drift: shift"} == {
+        "mmd", "classifier", "predicted_labels", "confidence"}
+    assert all(0.0 < float(r["p_value"]) <= 1.0 for r in shift if r["phase"].startswith("drift"))
+    assert next(r for r in shift if r["phase"] == "gate")["item"] in ("promoted", "rejected", "no-drift")
 
 
 @pytest.mark.slow
@@ -117,7 +126,7 @@ def test_run_all_builds_readme_and_plot(toy_run):
     for title in ("1. Extraction throughput", "2. probe.extract vs the hand-written loop", "3. Refit from cache",
                   "4. Incremental extraction", "5. Regularization sweep", "6. Linear-probe accuracy",
                   "7. Memory and storage", "8. Camera-sized JPEGs", "9. Inference runtimes", "10. Distributed extraction",
-                  "## Summary"):
+                  "11. Data shift", "## Summary"):
         assert title in readme
     assert "failed in the last run" not in readme
     assert (out / "throughput_vs_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
