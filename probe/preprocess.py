@@ -41,7 +41,7 @@ _INTERPOLATION = {
 class Preprocess:
     """Resize the shorter side to ``resize``, center-crop ``crop``×``crop``, scale to [0,1], normalize.
 
-    ``decode="reduced"`` decodes JPEGs at a reduced scale (see :data:`DECODES`): 4-6x less decode time on
+    ``decode="reduced"`` decodes JPEGs at a reduced scale (see :data:`DECODES`): 2.5-6x less decode time on
     camera-sized photos, within the tolerance stated in docs/cache-format.md of the exact path. It is part of the
     identity (a reduced space never mixes with an exact one); ``to_dict`` omits it when ``exact`` so the
     descriptions, and digests, of exact spaces are what they were before the field existed.
