@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,24 +168,18 @@ def decode_image(source: str | Path | bytes | Image.Image, max_pixels: int = DEF
         raise ImageDecodeError(f"{name}: cannot read ({e.strerror or e})") from e
     with fp:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                previous = Image.MAX_IMAGE_PIXELS
-                Image.MAX_IMAGE_PIXELS = max_pixels
-                try:
-                    with Image.open(fp) as im:
-                        w, h = im.size
-                        if w * h > max_pixels:
-                            raise ImageDecodeError(
-                                f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
-                            )
-                        if min_side is not None and im.format in _DRAFT_FORMATS and min(w, h) >= 2 * min_side:
-                            k = min_side / min(w, h)  # draft keeps both sides >= the size asked for
-                            im.draft(None, (max(1, math.ceil(w * k)), max(1, math.ceil(h * k))))
-                        im.load()
-                        return to_rgb(im)
-                finally:
-                    Image.MAX_IMAGE_PIXELS = previous
+            with _pixel_limit(max_pixels):
+                with Image.open(fp) as im:
+                    w, h = im.size
+                    if w * h > max_pixels:
+                        raise ImageDecodeError(
+                            f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
+                        )
+                    if min_side is not None and im.format in _DRAFT_FORMATS and min(w, h) >= 2 * min_side:
+                        k = min_side / min(w, h)  # draft keeps both sides >= the size asked for
+                        im.draft(None, (max(1, math.ceil(w * k)), max(1, math.ceil(h * k))))
+                    im.load()
+                    return to_rgb(im)
         except ImageDecodeError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -194,6 +190,47 @@ def decode_image(source: str | Path | bytes | Image.Image, max_pixels: int = DEF
             raise ImageDecodeError(f"{name}: {what}") from e
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageDecodeError(f"{name}: corrupt or truncated image ({e})") from e
+
+
+class _PixelLimit:
+    """Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, a global) set to ``max_pixels``, and its
+    DecompressionBombWarning turned into an error, while any decode runs; restored when the last one ends.
+
+    Decode threads run concurrently, so each cannot save and restore the globals itself (an interleaving would
+    leave them changed); the first decode to start installs them and the last to finish restores them. With
+    different limits at once, Pillow gets the largest; :func:`decode_image` checks each call's own limit anyway.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.active: list[int] = []
+        self.saved: int | None = None
+        self.catcher: warnings.catch_warnings | None = None
+
+    @contextmanager
+    def __call__(self, max_pixels: int):
+        with self.lock:
+            if not self.active:
+                self.saved = Image.MAX_IMAGE_PIXELS
+                self.catcher = warnings.catch_warnings()
+                self.catcher.__enter__()
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+            self.active.append(max_pixels)
+            Image.MAX_IMAGE_PIXELS = max(self.active)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active.remove(max_pixels)
+                if self.active:
+                    Image.MAX_IMAGE_PIXELS = max(self.active)
+                else:
+                    Image.MAX_IMAGE_PIXELS = self.saved
+                    self.catcher.__exit__(None, None, None)
+                    self.catcher = None
+
+
+_pixel_limit = _PixelLimit()
 
 
 def _size(source) -> int:
