@@ -74,7 +74,7 @@ def model_digest(model: ProbeModel) -> str:
     """Identity of a model's predictions: its backbone record and its fitted head."""
     import joblib
 
-    return joblib.hash((model.backbone, model.head))
+    return joblib.hash((model.backbone_, model.head_))
 
 
 def predict_ray(model: ProbeModel, inputs: Sequence[Record | str | os.PathLike] | str | os.PathLike,
@@ -110,7 +110,7 @@ def predict_ray(model: ProbeModel, inputs: Sequence[Record | str | os.PathLike] 
         result.blocks.append(block)
     if pending:
         todo = [r for _, chunk in pending for r in chunk]
-        opts = model.options(cache, write=True, **extract_options)
+        opts = model.extract_options(cache, write=True, **extract_options)
         ex = RayExtractor(opts, address=address, actors=actors, num_gpus_per_worker=num_gpus_per_worker,
                           max_retries=max_retries, check_space=model.check_backbone)
         fs = result.features = ex.extract(todo)
@@ -123,7 +123,7 @@ def predict_ray(model: ProbeModel, inputs: Sequence[Record | str | os.PathLike] 
             offset += len(chunk)
         log.info("batch scoring: %d blocks written, %d already there", result.written, result.skipped)
     body = {
-        "format": MANIFEST_FORMAT, "version": 1, "model": model_digest(model), "backbone": model.backbone["name"],
+        "format": MANIFEST_FORMAT, "version": 1, "model": model_digest(model), "backbone": model.backbone_["name"],
         "predictions_format": fmt, "top_k": top_k, "inputs": len(records), "block_rows": block_rows,
         "blocks": [{k: v for k, v in asdict(b).items() if k != "written"} for b in result.blocks],
     }

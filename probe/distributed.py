@@ -107,7 +107,7 @@ class RayExtractor:
         self.hash_on_cluster = hash_on_cluster
         self.check_space = check_space  # called with (backbone, space) before any work, e.g. a model's check
         # Loaded on the driver (CPU) for the feature space: weights digest, preprocess, dim.
-        self.backbone = load_backbone(opts.backbone, opts.weights, opts.layer, opts.pooling)
+        self.backbone = load_backbone(opts.backbone, opts.weights, opts.layer, opts.pooling).with_decode(opts.decode)
         self.run = RayRun()
 
     # -- public ------------------------------------------------------------------------------------------
@@ -314,6 +314,7 @@ class RayExtractor:
         spec = {
             "backbone": o.backbone, "weights": o.weights, "layer": o.layer, "pooling": o.pooling,
             "dtype": space.dtype, "precision": space.precision, "digest": space.digest, "gpu": bool(self.num_gpus),
+            "decode": o.decode, "runtime": o.runtime,
         }
         env = {CRASH_ONCE_ENV: os.environ[CRASH_ONCE_ENV]} if os.environ.get(CRASH_ONCE_ENV) else None
         sink = CacheSink(os.path.abspath(store.path), space.to_dict(), _meta())  # absolute, as the inputs

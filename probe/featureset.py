@@ -43,6 +43,7 @@ class ExtractStats:
     workers: int = 0
     device: str = "cpu"
     precision: str = "float32"
+    runtime: str = ""  # what computed the new features (eager, onnxruntime, openvino); "" when no model ran
     seconds: dict = field(
         default_factory=lambda: dict.fromkeys(("hash", "tune", "data_wait", "model", "write", "total"), 0.0))
 
@@ -51,10 +52,10 @@ class ExtractStats:
         return (
             f"{self.inputs} inputs ({self.unique} unique): {self.new} new, {self.cached} cached, {self.failed} failed | "
             f"{s['total']:.1f}s total: hash {s['hash']:.1f}s, "
-            + (f"batch-size tuning {s['tune']:.1f}s, " if s["tune"] >= 0.05 else "")
+            + (f"setup (runtime, batch-size tuning) {s['tune']:.1f}s, " if s["tune"] >= 0.05 else "")
             + f"waiting for data {s['data_wait']:.1f}s, "
             f"model {s['model']:.1f}s, writing {s['write']:.1f}s | batch {self.batch_size}, workers {self.workers}, "
-            f"{self.device}/{self.precision}"
+            f"{self.device}/{self.precision}" + (f", {self.runtime}" if self.runtime else "")
         )
 
 

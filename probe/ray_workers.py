@@ -90,7 +90,7 @@ def gpu_precision(amp) -> str:
 
 def decode_batch(batch: dict, preprocess, max_pixels: int) -> dict:
     """Decode + resize/crop each path to uint8 (crop, crop, 3); a failure is a row with ``error`` set."""
-    from .engine import _Inputs
+    from .loader import load_item
 
     n = len(batch.get("index", ()))
     crop = preprocess.crop
@@ -98,9 +98,8 @@ def decode_batch(batch: dict, preprocess, max_pixels: int) -> dict:
     errors = [""] * n
     files = [str(p) for p in batch.get("file", ())]
     names = [str(p) for p in batch.get("path", ())]
-    inputs = _Inputs(files, preprocess, max_pixels)
     for j in range(n):
-        _, arr, err = inputs[j]
+        arr, err = load_item(files[j], preprocess, max_pixels)
         if err is None:
             images[j] = arr
         else:  # name the input as the user gave it, as the local engine does
@@ -119,7 +118,8 @@ class BackboneActor:
 
         self.device = resolve_device("cuda" if spec["gpu"] else "cpu")
         self.precision = spec["precision"]
-        self.backbone = load_backbone(spec["backbone"], spec["weights"], spec["layer"], spec["pooling"])
+        self.backbone = load_backbone(spec["backbone"], spec["weights"], spec["layer"], spec["pooling"]).with_decode(
+            spec.get("decode"))
         self.backbone.to(self.device)
         space = self.backbone.feature_space(dtype=spec["dtype"], precision=self.precision)
         if space.digest != spec["digest"]:
@@ -127,12 +127,15 @@ class BackboneActor:
                 f"Ray worker on {os.uname().nodename}: {spec['backbone']} loads a different feature space than the "
                 f"driver's (is the same probe / weights file installed on every node?)"
             )
+        from .runtime import make_runner
+
+        # The runtime as the local engine runs it; without a cache folder here, auto stays eager.
+        self.runner = make_runner(self.backbone, spec.get("runtime", "eager"), self.device, self.precision, None)
         self.calls = 0
         self.tag = f"{os.uname().nodename}-{os.getpid()}-{time.time_ns()}"
         self._torch = torch
 
     def __call__(self, batch: dict) -> dict:
-        from .backbones import autocast
         from .engine import to_model_input
 
         torch = self._torch
@@ -145,10 +148,8 @@ class BackboneActor:
         self.calls += 1
         if len(ok):
             x = to_model_input(torch.from_numpy(np.ascontiguousarray(batch["image"][ok])), self.backbone.preprocess,
-                               self.device, self.backbone.channels_last, self.device.type == "cuda")
-            with torch.inference_mode(), autocast(self.device, self.precision):
-                out = self.backbone.features(x)
-            feats[ok] = out.float().cpu().numpy()
+                               self.device, self.runner.channels_last, self.device.type == "cuda")
+            feats[ok] = self.runner(x)
             finite = np.isfinite(feats).all(axis=1)
             for j in ok[~finite[ok]]:
                 errors[j] = f"{batch['path'][j]}: non-finite features"

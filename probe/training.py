@@ -18,14 +18,14 @@ from sklearn.base import clone
 from .defaults import DEFAULT_BACKBONE, DEFAULT_CACHE
 from .errors import ProbeError, StrictModeError
 from .files import atomic_write_text
-from .engine import Extractor, make_options
+from .engine import UNSET, Extractor, make_options
 from .featureset import ExtractStats, FeatureSet
 from .heads import blas_threads, head_description, head_spec
 from .sweep import fit_head
 from .metrics import classification_metrics, format_report, plot_confusion_matrix
 from .jsonable import json_default
 from .model import ProbeModel, keys_digest
-from .sources import resolve
+from .sources import Record, resolve
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def fit(
     clf: str = "logreg",
     *,
     backbone: str = DEFAULT_BACKBONE,
-    cache=DEFAULT_CACHE,
+    cache=UNSET,
     val=None,
     val_split: float = 0.1,
     value: float | None = None,
@@ -166,6 +166,10 @@ def fit(
             with blas_threads():
                 held = clone(head).fit(X_tr, y_tr)
             proba, classes = held.predict_proba(X_va), held.classes_
+        unseen = sorted(set(np.asarray(y_va).tolist()) - set(np.asarray(classes).tolist()), key=str)
+        if unseen:  # validation-only classes: the train-only head gives them probability 0
+            proba = np.hstack([proba, np.zeros((len(proba), len(unseen)))])
+            classes = np.asarray(list(classes) + unseen, dtype=object)
         metrics = classification_metrics(y_va, proba, classes)
         metrics["evaluated_on"] = "validation (head fit on train only, before the train+val refit)"
     else:
@@ -188,13 +192,13 @@ def fit(
         "leakage": len(leakage),
         "sweep": _sweep_dict(hf.sweep),
     })
-    model = ProbeModel(
-        backbone=backbone_record(ex.space, ex.backbone.weights_path),
-        head=head,
+    model = ProbeModel.fitted(
+        backbone_record(ex.space, ex.backbone.weights_path),
+        head,
         meta={
             "head": {"name": clf, **head_description(head), "chosen": hf.chosen},
             "training": {
-                "source": [str(d) for d in (data if isinstance(data, (list, tuple)) else [data])],
+                "source": _sources(data),
                 "val_source": None if val is None else str(val),
                 "val_split": val_split if val is None else None,
                 "seed": seed,
@@ -206,7 +210,10 @@ def fit(
             "metrics": _headline(metrics),
         },
         train_keys=sorted(set(all_keys)),
+        cache=ex.options.cache, params=params, standardize=standardize, l2_normalize=l2_normalize,
+        val_split=val_split, value=value, seed=seed,
     )
+    model.train_set_ = train_set_rows(all_keys, all_labels)
     report = format_report(metrics, hf.sweep)
     result = FitResult(model, metrics, hf.sweep, leakage, train.stats, val_fs.stats if val_fs else None, report)
     if output is not None:
@@ -234,7 +241,7 @@ def evaluate_features(model: ProbeModel, fs: FeatureSet, *, strict: bool = False
                       output_dir: str | os.PathLike | None = None) -> EvalResult:
     metrics = classification_metrics(fs.y, model.predict_proba_features(fs.features), model.classes_)
     metrics["evaluated_on"] = "evaluation data"
-    leakage = find_leakage(dict.fromkeys(model.train_keys or (), "(training set)"), fs)
+    leakage = find_leakage(dict.fromkeys(model.train_keys_ or (), "(training set)"), fs)
     metrics["leakage"] = len(leakage)
     for leak in leakage:
         log.warning("leakage: %s has the same bytes as a training input", leak.other_path)
@@ -253,6 +260,18 @@ def write_report_files(folder: Path, metrics: dict, classes) -> dict:
     cpath = plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), [str(c) for c in classes],
                                   folder / "confusion_matrix.png")
     return {"metrics": mpath, "confusion_matrix": Path(cpath) if cpath else folder / "confusion_matrix.png"}
+
+
+def _sources(data) -> list[str]:
+    """How the training data was given, for the lineage: paths as given; records as the count of inputs."""
+    items = data if isinstance(data, (list, tuple)) else [data]
+    if items and all(isinstance(d, Record) for d in items):
+        return [f"{len(items)} inputs given as a list"]
+    return [str(d) for d in items]
+def train_set_rows(keys, labels) -> tuple[list[str], list[str]]:
+    """(keys, labels) in order without exact repeats: what a model records so a refit can reuse its training set."""
+    pairs = list(dict.fromkeys((str(k), str(lab)) for k, lab in zip(keys, labels)))
+    return [k for k, _ in pairs], [lab for _, lab in pairs]
 
 
 def _sweep_dict(sweep) -> dict | None:

@@ -222,7 +222,7 @@ def test_documented_user_backbone_extracts_fits_and_predicts(tmp_path, monkeypat
     assert np.isfinite(fs.features).all() and fs.features.std() > 0
     assert res.metrics["inputs_cached"] == 18  # the extract above filled the cache
     model = namespace["probe"].load("model.probe")
-    assert model.backbone["name"] == "my:embedder"
+    assert model.backbone_["name"] == "my:embedder"
     assert list(model.predict([str(tmp_path / "a.jpg")])) == ["cat"]
     assert "my:embedder" in backbone_names(include_tv=False)
 

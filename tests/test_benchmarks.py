@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, TINY
+from conftest import REPO_ROOT, TINY, subprocess_env
 
 BENCH = REPO_ROOT / "benchmarks"
 MACHINE = {"date", "cpu_count", "cpu_model", "torch_version", "torch_threads", "device", "git_commit", "scale", "data"}
@@ -30,8 +29,14 @@ COLUMNS = {
     "sweep": {"method", "fits", "seconds", "C", "val_accuracy", "test_accuracy", "ratio"},
     "accuracy": {"features", "head", "accuracy", "macro_f1", "ece", "n_train", "n_test"},
     "memory": {"run", "inputs", "dtype", "peak_rss_mb", "bytes_per_row", "test_accuracy", "ratio"},
+    "photos": {"measure", "config", "decode", "rep", "images", "ms_per_image", "ips", "ratio", "decode_threads",
+               "data_wait_s", "model_s", "max_abs", "mean_abs", "min_cosine"},
+    "runtime": {"backbone", "runtime", "rep", "images", "batch_size", "extract_ips", "forward_ips", "ratio", "speedup",
+                "predict_ips", "predict_speedup", "setup_s", "data_wait_s", "model_s"},
     "ray": {"engine", "images", "wall_s", "start_s", "job_s", "actors", "ips", "crossover", "estimate_wall_h",
             "decode_s_per_image", "hash_s_per_image"},
+    "shift": {"phase", "item", "statistic", "p_value", "accuracy", "seconds", "ratio", "champion_score",
+              "challenger_score"},
 }
 TOY = ["--scale", "tiny", "--backbone", TINY, "--speed-backbone", TINY]
 
@@ -42,7 +47,7 @@ def _snapshot(folder: Path) -> dict:
 
 def _run(args, env=None, timeout=300):
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                          timeout=timeout, env=subprocess_env(PYTHONUNBUFFERED="1", **(env or {})))  # this checkout
 
 
 def _rows(path: Path) -> list[dict]:
@@ -55,7 +60,8 @@ def toy_run(tmp_path_factory):
     """One tiny run of every benchmark, on generated images, into a temporary folder."""
     tmp = tmp_path_factory.mktemp("bench")
     before = _snapshot(BENCH / "results"), _snapshot(BENCH / "README.md")
-    proc = _run([BENCH / "run_all.py", *TOY, "--data", "generated", "--out", tmp / "results", "--work", tmp / "work"])
+    proc = _run([BENCH / "run_all.py", *TOY, "--data", "generated", "--out", tmp / "results", "--work", tmp / "work"],
+                env={"PROBE_TUNING_FILE": str(tmp / "machine-tuning.json")})  # module scope: before conftest's
     after = _snapshot(BENCH / "results"), _snapshot(BENCH / "README.md")
     return proc, tmp / "results", before, after
 
@@ -72,7 +78,7 @@ def test_run_all_writes_every_result_file(toy_run):
         assert {r["data"] for r in rows} == {"generated"}
     run = json.loads((out / "run.json").read_text())
     assert set(run["benchmarks"]) == {"throughput", "handloop", "refit", "incremental", "sweep", "accuracy", "memory",
-                                      "ray"}
+                                      "photos", "runtime", "ray", "shift"}
     assert not [name for name, s in run["benchmarks"].items() if "error" in s]
 
 
@@ -92,11 +98,25 @@ def test_run_all_rows_are_complete(toy_run):
     assert any(int(r["files_hashed"]) > 0 for r in refit if r["phase"] == "hash: fresh memo")
     memory = _rows(out / "memory.csv")
     assert {r["dtype"] for r in memory if r["run"].startswith("extract")} == {"float32", "float16"}
+    photos = _rows(out / "photos.csv")
+    medians = [r for r in photos if r["rep"] == "median"]
+    assert {r["decode"] for r in medians if r["measure"] == "decode"} == {"exact", "reduced"}
+    assert len([r for r in medians if r["measure"] == "extract" and r["default"] == "yes"]) == 1
+    assert all(int(r["new"]) == int(r["images"]) == 6 for r in photos if r["measure"] == "extract")
+    reduced = next(r for r in medians if r["measure"] == "decode" and r["decode"] == "reduced")
+    assert float(reduced["min_cosine"]) > 0.9 and float(reduced["mean_abs"]) < 5
     ray = _rows(out / "ray.csv")
     assert [(r["engine"], r["images"]) for r in ray if r["engine"] in ("local", "ray")] == [("local", "8"), ("ray", "8")]
     assert all(r["new"] == "8" for r in ray if r["engine"] in ("local", "ray"))
     assert [r["workers"] for r in ray if r["engine"] == "estimate"] == ["1", "8", "64"]
     assert len([r for r in ray if r["engine"] == "crossover"]) == 1
+    shift = _rows(out / "shift.csv")
+    assert {r["phase"] for r in shift} >= {"drift: no shift", "drift: shift", "gate", "accuracy on shifted test",
+                                           "time", "ratio"}
+    assert {r["item"] for r in shift if r["phase"] == "drift: shift"} == {
+        "mmd", "classifier", "predicted_labels", "confidence"}
+    assert all(0.0 < float(r["p_value"]) <= 1.0 for r in shift if r["phase"].startswith("drift"))
+    assert next(r for r in shift if r["phase"] == "gate")["item"] in ("promoted", "rejected", "no-drift")
 
 
 @pytest.mark.slow
@@ -105,7 +125,8 @@ def test_run_all_builds_readme_and_plot(toy_run):
     readme = (out / "README.md").read_text()
     for title in ("1. Extraction throughput", "2. probe.extract vs the hand-written loop", "3. Refit from cache",
                   "4. Incremental extraction", "5. Regularization sweep", "6. Linear-probe accuracy",
-                  "7. Memory and storage", "8. Distributed extraction", "## Summary"):
+                  "7. Memory and storage", "8. Camera-sized JPEGs", "9. Inference runtimes", "10. Distributed extraction",
+                  "11. Data shift", "## Summary"):
         assert title in readme
     assert "failed in the last run" not in readme
     assert (out / "throughput_vs_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -139,3 +160,13 @@ def test_script_runs_alone_and_falls_back_to_generated_images(tmp_path):
     assert (COLUMNS["incremental"] | MACHINE) <= set(rows[0])
     ratio = next(r for r in rows if r["phase"].startswith("ratio"))
     assert 0 < float(ratio["ratio"])
+
+
+def test_project_readme_results_match_the_result_files():
+    """README.md's results table is generated from benchmarks/results/ (report.update_project_readme)."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import report
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert report.results_block() in readme
+    assert "| 1 throughput |" in report.results_block()

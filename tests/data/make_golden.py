@@ -34,8 +34,8 @@ def main() -> None:
     probe.extract(out / "images", cache=out / "cache", **opts)
     res = probe.fit(out / "images", "logreg", cache=out / "cache", value=1.0, val_split=0,
                     **{k: v for k, v in opts.items() if k != "segment_rows"})
-    res.model.meta["training"]["source"] = ["images"]
-    res.model.backbone["weights_path"] = None
+    res.model.meta_["training"]["source"] = ["images"]
+    res.model.backbone_["weights_path"] = None
     res.model.save(out / "model.probe")
     for p in [*(out / "cache").glob("hashes.sqlite*"), *(out / "cache").rglob(".lock")]:
         p.unlink()  # caches of this machine's paths and locks: not part of the fixture
