@@ -81,6 +81,9 @@ def compute_options(f):
                      help="Override the per-device (auto-tuned) batch size."),
         click.option("--workers", type=click.IntRange(min=0), default=None,
                      help="Decode/preprocess worker processes (default: 0 on small CPUs, more with a GPU)."),
+        click.option("--threads", type=click.IntRange(min=0), default=None,
+                     help="Decode threads running ahead of the model (default: 1 on small CPUs; 0: decode in the "
+                          "model's thread)."),
         click.option("--max-pixels", type=click.IntRange(min=1), default=None,
                      help="Refuse larger images (decompression-bomb guard)."),
         click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal)."),
