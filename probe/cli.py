@@ -362,6 +362,48 @@ def cache_rm(space, cache_dir):
     click.echo(f"removed {space}")
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; anything but loopback needs --token.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most inputs run through the backbone together (1 turns dynamic batching off).")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long a batch waits for more requests after its first.")
+@click.option("--capture", is_flag=True,
+              help="Store features of served inputs in the cache and log their keys (for `probe drift`).")
+@click.option("--token", envvar="PROBE_TOKEN", default=None,
+              help="Bearer token required on every endpoint but /health (env PROBE_TOKEN).")
+@click.option("--registry", "registry_dir", type=click.Path(file_okay=False), default=None,
+              help="Model registry folder, when MODEL is a reference (NAME, NAME@champion, NAME@3).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=DEFAULT_CACHE, show_default=True,
+              help="Feature cache: read for known inputs; written only with --capture.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=20.0, show_default=True,
+              help="Largest request body.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds before a prediction request gets 504.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+@click.option("--trust", is_flag=True, help="Allow loading a head stored as a pickle (runs code!).")
+def serve(model, host, port, max_batch, max_wait_ms, capture, token, registry_dir, cache_dir, max_body_mb, timeout_s,
+          device, trust):
+    """Serve MODEL (a .probe file or a registry reference) over HTTP: /predict, /metadata, /health and a page at /."""
+    from .serve import check_bind, create_app
+
+    check_bind(host, token)
+    try:
+        import uvicorn
+    except ImportError:
+        raise click.ClickException("probe serve needs the [serve] extra: pip install 'probe[serve]'") from None
+    app = create_app(model, registry=registry_dir, cache=cache_dir, capture=capture, max_batch=max_batch,
+                     max_wait_ms=max_wait_ms, token=token, max_body_bytes=int(max_body_mb * 2**20),
+                     timeout_s=timeout_s, trust=trust, extract_options={"device": device} if device else None)
+    served = app.state.predictor.current
+    version = "" if served.version is None else f" version {served.version}"
+    click.echo(f"serving {served.name}{version} on http://{host}:{port}/ (Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)
+
+
 def main():  # pragma: no cover - console entry point
     cli()
 
