@@ -245,11 +245,52 @@ def test_batcher_survives_a_failing_batch_and_fails_only_its_items():
     assert asyncio.run(main()) == ["OK"]
 
 
+def test_batcher_waits_only_for_announced_requests():
+    calls = []
+
+    def run_batch(items):
+        calls.append(list(items))
+        return items
+
+    async def main():
+        b = Batcher(run_batch, max_batch=8, max_wait_ms=5000)
+        await b.start()
+        try:
+            alone = await asyncio.wait_for(b.submit([1]), 2)  # nobody announced: runs without waiting 5 s
+
+            async def late(x):
+                with b.expecting():
+                    await asyncio.sleep(0.05)  # reading and decoding
+                return await b.submit([x])
+
+            together = await asyncio.gather(b.submit([2]), late(3), late(4))
+        finally:
+            await b.stop()
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    assert alone == [1] and together == [[2], [3], [4]]
+    assert calls == [[1], [2, 3, 4]]
+
+
 def test_concurrent_requests_share_model_batches(models, tmp_path):
     n = 12
-    app = create_app(models["a"], cache=tmp_path / "cache", max_batch=n, max_wait_ms=500)
+    app = create_app(models["a"], cache=tmp_path / "cache", max_batch=n, max_wait_ms=5)
     files = models["images"][:n]
     expected = models["model_a"].predict_proba([str(f) for f in files])
+    batcher = app.state.batcher
+    real = batcher.run_batch
+
+    def first_batch_waits_for_the_rest(items):
+        # Hold the first batch until every other request is queued, as a slow model would: the rest must then
+        # be served together, not one by one.
+        if batcher.stats.batches == 0:
+            deadline = time.monotonic() + 60
+            while batcher._queue.qsize() < n - len(items) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return real(items)
+
+    batcher.run_batch = first_batch_waits_for_the_rest
     with background_server(app) as url, httpx.Client(timeout=60) as client:
         barrier = threading.Barrier(n)
         out: list = [None] * n
@@ -268,9 +309,8 @@ def test_concurrent_requests_share_model_batches(models, tmp_path):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
         serving = client.get(f"{url}/metadata").json()["serving"]
     assert serving["batcher"]["items"] == n
-    assert serving["batcher"]["batches"] < n  # batched: fewer model calls than requests
-    assert serving["model_batches"] < n  # ... and fewer backbone forward passes
-    assert serving["batcher"]["largest_batch"] > 1
+    assert serving["batcher"]["batches"] <= 2  # the held batch, then everything queued behind it at once
+    assert serving["model_batches"] <= 2  # ... as backbone forward passes, not one per request
 
 
 # -- hot swap ------------------------------------------------------------------------------------------------

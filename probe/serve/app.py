@@ -267,11 +267,12 @@ def create_app(model_ref, *, registry=None, cache=None, capture: bool = False, m
                                  "application/octet-stream, multipart/form-data or application/json")
 
     async def predict_request(request: Request, k: int) -> dict:
-        items = await payloads(request)
-        if len(items) > MAX_IMAGES:
-            raise HTTPException(413, f"{len(items)} images in one request; the limit is {MAX_IMAGES}")
-        images = await asyncio.gather(*(decode(data, name) for name, data in items))
-        results = await batcher.submit(images)
+        with batcher.expecting():  # a batch forming now waits (up to max_wait) for this request's images
+            items = await payloads(request)
+            if len(items) > MAX_IMAGES:
+                raise HTTPException(413, f"{len(items)} images in one request; the limit is {MAX_IMAGES}")
+            images = await asyncio.gather(*(decode(data, name) for name, data in items))
+        results = await batcher.submit(images)  # no await between the two lines: the collector sees one or the other
         served = predictor.current
         counters["inputs"] += len(results)
         return {"model": served.name, "version": results[0]["version"],

@@ -3,8 +3,10 @@
     request -> submit(items) --queue--> collector task: first item, then more until max_batch items
                or max_wait after the first --> run_batch(items) on ONE worker thread --> futures resolved
 
-While a batch runs, new requests queue up, so under load the next batch forms without waiting at all; an idle
-server answers a lone request after at most ``max_wait`` seconds. ``run_batch`` returns one result per item (a
+While a batch runs, new requests queue up, so under load the next batch forms without waiting at all. The
+collector waits (up to ``max_wait``) only for requests it knows are on their way: those announced with
+:meth:`Batcher.expecting` (the server announces a request while it reads and decodes it). So a lone request on an
+idle server runs at once, and concurrent requests still meet in one batch. ``run_batch`` returns one result per item (a
 value or an exception for that item); if it raises, every item of the batch gets that error and the collector
 carries on: a failing batch never stops the worker.
 """
@@ -12,6 +14,7 @@ carries on: a failing batch never stops the worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -54,6 +57,16 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="probe-model")
         self._stats_lock = threading.Lock()
+        self.pending = 0  # requests announced by expecting() that have not submitted yet
+
+    @contextlib.contextmanager
+    def expecting(self):
+        """Announce a request that will submit soon (while it is read and decoded): batches wait for it."""
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -94,6 +107,8 @@ class Batcher:
                     continue
                 except asyncio.QueueEmpty:
                     pass
+                if self.pending <= 0:
+                    break  # nobody else is on the way: waiting would only add latency
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
