@@ -154,13 +154,21 @@ def extract(inputs, strict, segment_rows, report_path, **o):
 def _model_options(f):
     f = click.option("--trust", is_flag=True, help="Allow loading a head stored as a pickle (runs code!).")(f)
     f = click.option("--ignore-versions", is_flag=True, help="Load a head saved with another scikit-learn.")(f)
+    f = _registry_option(f)
     return f
 
 
-def _load_model(path, o):
-    from .model import load
+def _registry_option(f):
+    return click.option("--registry", "registry", type=click.Path(file_okay=False), default=None,
+                        help="Model registry folder for NAME[@REF] models (default: $PROBE_REGISTRY or models/).")(f)
 
-    return load(path, trust=o.pop("trust"), check_versions=not o.pop("ignore_versions"))
+
+def _load_model(ref_or_path, o):
+    """MODEL is a .probe path or a registry reference NAME, NAME@champion, NAME@3."""
+    from .registry import load_model
+
+    return load_model(ref_or_path, registry=o.pop("registry", None), trust=o.pop("trust"),
+                      check_versions=not o.pop("ignore_versions"))
 
 
 @cli.command()
@@ -180,9 +188,13 @@ def _load_model(path, o):
 @click.option("--no-extract", is_flag=True, help="Refuse to extract: every input must already be cached.")
 @click.option("--strict", is_flag=True, help="Fail on bad inputs and on train/validation leakage.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--register", "register_as", default=None, metavar="NAME",
+              help="Also add the model to the registry as the next version of NAME (the first becomes champion).")
+@_registry_option
 @backbone_options
 @engine_options
-def fit(data, clf, params, output, val, val_split, C, alpha, standardize, l2_normalize, no_extract, strict, seed, **o):
+def fit(data, clf, params, output, val, val_split, C, alpha, standardize, l2_normalize, no_extract, strict, seed,
+        register_as, registry, **o):
     """Train a head on the cached features of DATA (labelled folder / CSV) and save a composed model."""
     import json
 
@@ -206,10 +218,15 @@ def fit(data, clf, params, output, val, val_split, C, alpha, standardize, l2_nor
         click.echo(f"leakage: {leak.other_path} has the same bytes as training input {leak.train_path}")
     click.echo(res.report)
     click.echo(f"model saved to {res.path}; report in {res.files['metrics']} and {res.files['confusion_matrix']}")
+    if register_as:
+        from .registry import Registry
+
+        mv = Registry(registry).register(res.path, register_as)
+        click.echo(f"registered {mv.ref}" + (" (champion)" if mv.is_champion else ""))
 
 
 @cli.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model")
 @click.argument("data", nargs=-1, required=True, type=click.Path())
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
               help=f"Read cached features here and store new ones (default: read {DEFAULT_CACHE}/, write nothing).")
@@ -219,7 +236,9 @@ def fit(data, clf, params, output, val, val_split, C, alpha, standardize, l2_nor
 @compute_options
 @_model_options
 def evaluate(model, data, cache_dir, output_dir, strict, **o):
-    """Report accuracy, balanced accuracy, macro-F1, top-5, ECE and per-class scores of MODEL on DATA."""
+    """Report accuracy, balanced accuracy, macro-F1, top-5, ECE and per-class scores of MODEL on DATA.
+
+    MODEL is a .probe file or a registry reference (NAME, NAME@champion, NAME@3)."""
     from .training import evaluate as run_evaluate
 
     m = _load_model(model, o)
@@ -231,7 +250,7 @@ def evaluate(model, data, cache_dir, output_dir, strict, **o):
 
 
 @cli.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
@@ -244,7 +263,8 @@ def evaluate(model, data, cache_dir, output_dir, strict, **o):
 @compute_options
 @_model_options
 def predict(model, inputs, fmt, top_k, output, cache_dir, show_eval, strict, **o):
-    """Predict classes of INPUTS (files, folders, CSVs; `-` reads paths from stdin) with MODEL."""
+    """Predict classes of INPUTS (files, folders, CSVs; `-` reads paths from stdin) with MODEL (a .probe file or
+    a registry reference NAME[@REF])."""
     from .training import evaluate_features
     from .prediction import predict as run_predict
     from .prediction import save_predictions, write_predictions
@@ -360,6 +380,222 @@ def cache_rm(space, cache_dir):
 
     FeatureCache(cache_dir).remove(space)
     click.echo(f"removed {space}")
+
+
+# -- model lifecycle: registry, drift, refit -----------------------------------------------------------------
+
+
+@cli.group(cls=ProbeGroup)
+def models():
+    """The model registry: versions, the champion, promote / rollback / retire."""
+
+
+def _version_line(mv) -> str:
+    acc = mv.metrics.get("accuracy")
+    gate = mv.gate or {}
+    return (f"{mv.ref:24s} {'*' if mv.is_champion else ' '} {mv.status:9s} {mv.created:21s} "
+            f"{(mv.head.get('name') or '?'):10s} "
+            f"{'' if acc is None else f'acc {acc:.4f}':11s} "
+            f"{'' if mv.parent is None else f'parent {mv.parent}':10s} {gate.get('decision', '')}")
+
+
+@models.command("list")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_registry_option
+def models_list(name, as_json, registry):
+    """List registered versions (of NAME, or all); * marks the champion."""
+    import json
+
+    from .registry import Registry
+
+    reg = Registry(registry)
+    versions = reg.versions(name)
+    if as_json:
+        click.echo(json.dumps([v.to_dict() for v in versions], indent=2))
+        return
+    if not versions:
+        click.echo(f"{reg.root}: no models registered")
+        return
+    for v in versions:
+        click.echo(_version_line(v))
+
+
+@models.command("show")
+@click.argument("ref")
+@_registry_option
+def models_show(ref, registry):
+    """Everything recorded about NAME@REF (NAME = the champion): lineage, data, head, metrics, gate."""
+    import json
+
+    from .registry import Registry
+
+    mv = Registry(registry).resolve(ref)
+    click.echo(json.dumps(mv.to_dict(), indent=2, default=str))
+
+
+@models.command("promote")
+@click.argument("name")
+@click.argument("version", type=int)
+@_registry_option
+def models_promote(name, version, registry):
+    """Make NAME@VERSION the champion."""
+    from .registry import Registry
+
+    mv = Registry(registry).promote(name, version)
+    click.echo(f"{mv.ref} is now the champion of {name}")
+
+
+@models.command("rollback")
+@click.argument("name")
+@_registry_option
+def models_rollback(name, registry):
+    """Restore NAME's previous champion."""
+    from .registry import Registry
+
+    mv = Registry(registry).rollback(name)
+    click.echo(f"rolled back: {mv.ref} is the champion of {name}")
+
+
+@models.command("retire")
+@click.argument("name")
+@click.argument("version", type=int)
+@_registry_option
+def models_retire(name, version, registry):
+    """Retire NAME@VERSION: it can no longer be promoted or served."""
+    from .registry import Registry
+
+    mv = Registry(registry).retire(name, version)
+    click.echo(f"{mv.ref} retired")
+
+
+@models.command("diff")
+@click.argument("a")
+@click.argument("b")
+@_registry_option
+def models_diff(a, b, registry):
+    """Two versions side by side: metrics, head, data, lineage (rows that differ are marked)."""
+    from .registry import Registry
+
+    reg = Registry(registry)
+    va, vb = reg.resolve(a), reg.resolve(b)
+    rows = _flatten(va.to_dict())
+    rows_b = _flatten(vb.to_dict())
+    keys = [k for k in rows if k not in ("path",)] + [k for k in rows_b if k not in rows]
+    width = max(len(k) for k in keys)
+    click.echo(f"{'':{width}s}   {va.ref:30s} {vb.ref}")
+    for k in keys:
+        x, y = rows.get(k, ""), rows_b.get(k, "")
+        click.echo(f"{k:{width}s} {'*' if x != y else ' '} {str(x)[:30]:30s} {str(y)[:60]}")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, float):
+            out[key] = f"{v:.4f}"
+        else:
+            out[key] = v
+    return out
+
+
+def _drift_options(f):
+    return _apply(f, [
+        click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
+                     show_default=True, help="Significance level of the verdict (split over the tests)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ])
+
+
+@cli.command()
+@click.argument("data", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model_ref", default=None,
+              help="Compare DATA (= CURRENT) with this model's training inputs (features from the cache); adds "
+                   "the predicted-label and confidence tests. A .probe path or NAME[@REF].")
+@click.option("--permutations", type=click.IntRange(min=10), default=200, show_default=True,
+              help="Permutations of the MMD test.")
+@click.option("--max-samples", type=click.IntRange(min=10), default=1000, show_default=True,
+              help="Subsample each side to at most this many inputs (seeded).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_drift_options
+@_model_options
+@backbone_options
+@engine_options
+@click.pass_context
+def drift(ctx, data, model_ref, permutations, max_samples, as_json, alpha, seed, **o):
+    """Test whether CURRENT data drifted from REFERENCE: `probe drift REFERENCE CURRENT` or
+    `probe drift --model NAME CURRENT`. Exit status 0 = no drift, 3 = drift, 1 = error."""
+    import json
+
+    from . import drift as dr
+
+    kw = dict(alpha=alpha, seed=seed, n_permutations=permutations, max_samples=max_samples)
+    if model_ref:
+        if len(data) != 1:
+            raise click.UsageError("with --model give one CURRENT data source")
+        m = _load_model(model_ref, o)
+        compute = {k: v for k, v in extractor_kwargs(o).items() if k not in ("weights", "layer", "pooling", "dtype")}
+        report = dr.check_model(m, data[0], cache=o["cache_dir"], **kw, **compute)
+    else:
+        if len(data) != 2:
+            raise click.UsageError("give REFERENCE and CURRENT (or --model NAME CURRENT)")
+        report = dr.check_sources(data[0], data[1], backbone=o["backbone"], cache=o["cache_dir"], **kw,
+                                  **extractor_kwargs(o))
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    ctx.exit(3 if report.drift else 0)
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("new_data", nargs=-1, required=True, type=click.Path())
+@click.option("--if-drift", is_flag=True, help="Run the drift check first; stop (exit 4) when there is none.")
+@click.option("--policy", default="all", show_default=True,
+              help="Training data: all (champion's training set + new), new (new only), window:N (newest N).")
+@click.option("--gate", type=click.Path(), default=None, help="Labelled gate data (never trained on).")
+@click.option("--gate-split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Without --gate: this seeded fraction of NEW_DATA is the gate set.")
+@click.option("--metric", type=click.Choice(["accuracy", "balanced_accuracy", "macro_f1"]), default="accuracy",
+              show_default=True)
+@click.option("--tolerance", type=click.FloatRange(min=0), default=0.005, show_default=True,
+              help="Promote when the challenger is at most this much worse than the champion.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_drift_options
+@_model_options
+@compute_options
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=DEFAULT_CACHE, show_default=True,
+              help="Feature cache (holding the champion's training features; new features are added).")
+@click.pass_context
+def refit(ctx, name, new_data, if_drift, policy, gate, gate_split, metric, tolerance, as_json, alpha, seed, **o):
+    """Refit NAME's head on NEW_DATA (+ cached old data), gate it against the champion, promote if not worse.
+    Exit status 0 = promoted, 3 = rejected by the gate, 4 = no drift (--if-drift), 1 = error."""
+    import json
+
+    from .refit import refit as run_refit
+
+    res = run_refit(name, list(new_data) if len(new_data) > 1 else new_data[0], registry=o.pop("registry"),
+                    cache=o["cache_dir"], policy=policy, gate=gate, gate_split=gate_split, metric=metric,
+                    tolerance=tolerance, if_drift=if_drift, alpha=alpha, seed=seed, trust=o.pop("trust"),
+                    check_versions=not o.pop("ignore_versions"), **extractor_kwargs(o))
+    if as_json:
+        click.echo(json.dumps({
+            "decision": res.decision, "champion": res.champion.ref,
+            "challenger": res.challenger.ref if res.challenger else None, "metric": res.metric,
+            "champion_score": res.champion_score, "challenger_score": res.challenger_score,
+            "tolerance": res.tolerance, "gate_digest": res.gate_digest, "n_gate": len(res.gate_keys),
+            "policy": res.policy, "n_train": res.n_train, "n_old": res.n_old, "n_new": res.n_new,
+            "drift": res.drift.to_dict() if res.drift else None,
+            "seconds": {k: round(v, 3) for k, v in res.seconds.items()}}, indent=2))
+    else:
+        if res.drift is not None:
+            click.echo(res.drift.format())
+        click.echo(res.format())
+    ctx.exit(res.exit_code)
+
+
+# -- serving -------------------------------------------------------------------------------------------------
 
 
 @cli.command()

@@ -7,6 +7,10 @@ A ``.probe`` file is a zip archive (written atomically):
                        (digest of training keys + labels, counts), metrics, library versions, creation time
     head.skops         the head, stored with skops (no pickle: loading cannot run arbitrary code)
     train-keys.txt     the training inputs' cache keys (for leakage checks on evaluation data)
+    train-set.json     optional: {"keys": [...], "labels": [...]}, every training row's key and label (so a refit
+                       can reuse the old training set from the feature cache); files without it still load
+
+``load`` also takes a registry reference (``NAME``, ``NAME@champion``, ``NAME@3``; see probe/registry.py).
 
 Heads skops cannot store are written with joblib as ``head.joblib`` and load only with ``trust=True``.
 """
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 FORMAT = "probe.model"
 FORMAT_VERSION = 1
 MANIFEST = "probe-model.json"
+TRAIN_SET = "train-set.json"
 
 #: skops marks some sklearn-internal types in probe's built-in heads as untrusted (calibrated linear-svm / ridge,
 #: the mlp's optimizer); they are plain data holders, so they load without --trust. Anything else needs trust.
@@ -79,6 +84,10 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
         self.head = head
         self.meta = meta
         self.train_keys = train_keys
+
+    #: (keys, labels) of every training row, in training order, when known (not a constructor parameter:
+    #: sklearn's get_params/clone leave it alone). Saved as train-set.json.
+    train_set: tuple[list[str], list[str]] | None = None
 
     # -- sklearn surface ---------------------------------------------------------------------------------
 
@@ -170,6 +179,10 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
             z.writestr(head_name, head_bytes)
             if self.train_keys is not None:
                 z.writestr("train-keys.txt", "\n".join(self.train_keys))
+            train_set = getattr(self, "train_set", None)
+            if train_set is not None:
+                z.writestr(TRAIN_SET, json.dumps({"keys": list(train_set[0]),
+                                                  "labels": [str(v) for v in train_set[1]]}))
         return path
 
 
@@ -201,12 +214,18 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 
 def load(path: str | os.PathLike, *, trust: bool = False, check_versions: bool = True) -> ProbeModel:
-    """Load a ``.probe`` file without executing code from it (unless ``trust=True``).
+    """Load a ``.probe`` file (or a registry reference ``NAME@REF``) without executing code from it (unless
+    ``trust=True``).
 
     Refuses (ModelCompatibilityError) an unknown backbone and a scikit-learn major.minor other than the one the
     head was saved with (``check_versions=False`` overrides). Weights are checked against the recorded sha256
     when the backbone is first used.
     """
+    if isinstance(path, str):
+        from .registry import is_model_ref, load_model
+
+        if is_model_ref(path):  # NAME, NAME@champion, NAME@3: the registry (env PROBE_REGISTRY or models/)
+            return load_model(path, trust=trust, check_versions=check_versions)
     import skops.io as sio
 
     from .backbones import get_spec
@@ -229,6 +248,7 @@ def load(path: str | os.PathLike, *, trust: bool = False, check_versions: bool =
         head_bytes = z.read(head_name)
         names = set(z.namelist())
         train_keys = z.read("train-keys.txt").decode().split("\n") if "train-keys.txt" in names else None
+        train_set = json.loads(z.read(TRAIN_SET)) if TRAIN_SET in names else None
     if head_name.endswith(".joblib"):
         if not trust:
             raise UntrustedModelError(
@@ -254,4 +274,7 @@ def load(path: str | os.PathLike, *, trust: bool = False, check_versions: bool =
         except Exception as e:
             raise ProbeError(f"{path}: unreadable head ({e})") from e
     meta = {k: v for k, v in manifest.items() if k not in ("backbone",)}
-    return ProbeModel(backbone=backbone, head=head, meta=meta, train_keys=train_keys)
+    model = ProbeModel(backbone=backbone, head=head, meta=meta, train_keys=train_keys)
+    if train_set is not None:
+        model.train_set = (list(train_set["keys"]), list(train_set["labels"]))
+    return model

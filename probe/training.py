@@ -211,6 +211,7 @@ def fit(
         },
         train_keys=sorted(set(all_keys)),
     )
+    model.train_set = train_set_rows(all_keys, all_labels)
     report = format_report(metrics, hf.sweep)
     result = FitResult(model, metrics, hf.sweep, leakage, train.stats, val_fs.stats if val_fs else None, report)
     if output is not None:
@@ -253,6 +254,12 @@ def write_report_files(folder: Path, metrics: dict, classes) -> dict:
     cpath = plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), [str(c) for c in classes],
                                   folder / "confusion_matrix.png")
     return {"metrics": mpath, "confusion_matrix": Path(cpath) if cpath else folder / "confusion_matrix.png"}
+
+
+def train_set_rows(keys, labels) -> tuple[list[str], list[str]]:
+    """(keys, labels) in order without exact repeats: what a model records so a refit can reuse its training set."""
+    pairs = list(dict.fromkeys((str(k), str(lab)) for k, lab in zip(keys, labels)))
+    return [k for k, _ in pairs], [lab for _, lab in pairs]
 
 
 def _sweep_dict(sweep) -> dict | None:
