@@ -18,12 +18,18 @@ import logging
 import os
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+import numpy as np
+
+from .errors import ProbeError
 
 log = logging.getLogger(__name__)
 
 SERVED_DIR = "served"
+SERVED = "served"  #: the word that stands for captured traffic where a data source is expected (`probe drift`)
 
 
 def served_log_path(cache: str | os.PathLike, model_name: str) -> Path:
@@ -103,3 +109,45 @@ def served_keys(cache: str | os.PathLike, model_name: str, since=None, space: st
                 continue
         keys.setdefault(rec["key"], None)
     return list(keys)
+
+
+@dataclass
+class ServedFeatures:
+    """Captured traffic as drift's ``current_features``: keys, display names, features (read from the cache)."""
+
+    keys: list[str]
+    paths: list[str]
+    features: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def served_model_name(model_ref, model) -> str:
+    """The name a server logs traffic under: the registry name, or the model file's stem."""
+    registry = (getattr(model, "meta", None) or {}).get("registry") or {}
+    return registry.get("name") or Path(str(model_ref)).stem
+
+
+def served_features(cache: str | os.PathLike, model, model_name: str, since=None) -> ServedFeatures:
+    """Features of the inputs ``model_name`` served (``probe serve --capture``) in ``model``'s feature space,
+    read from the cache: nothing is re-extracted."""
+    from .cache import FeatureCache
+
+    space_id = model.backbone["space_digest"][:16]
+    keys = served_keys(cache, model_name, since=since, space=space_id)
+    if not keys:
+        raise ProbeError(f"{served_log_path(cache, model_name)}: no captured traffic of {model_name!r} in feature "
+                         f"space {space_id} (serve the model with `probe serve --capture --cache {cache}`)")
+    fc = FeatureCache(cache)
+    store = fc.open_path(fc.find(space_id))
+    try:
+        present = [k for k in keys if k in store]
+        if len(present) < len(keys):
+            log.warning("%d served keys have no features in %s (removed from the cache?); using the other %d",
+                        len(keys) - len(present), cache, len(present))
+        if not present:
+            raise ProbeError(f"{cache}: none of the {len(keys)} served inputs of {model_name!r} has features cached")
+        return ServedFeatures(present, [f"served:{k[:16]}" for k in present], store.get(present))
+    finally:
+        store.close()

@@ -527,7 +527,8 @@ def _drift_options(f):
 @click.pass_context
 def drift(ctx, data, model_ref, permutations, max_samples, as_json, alpha, seed, **o):
     """Test whether CURRENT data drifted from REFERENCE: `probe drift REFERENCE CURRENT` or
-    `probe drift --model NAME CURRENT`. Exit status 0 = no drift, 3 = drift, 1 = error."""
+    `probe drift --model NAME CURRENT` (CURRENT `served`: the traffic `probe serve --capture` stored).
+    Exit status 0 = no drift, 3 = drift, 1 = error."""
     import json
 
     from . import drift as dr
@@ -538,7 +539,12 @@ def drift(ctx, data, model_ref, permutations, max_samples, as_json, alpha, seed,
             raise click.UsageError("with --model give one CURRENT data source")
         m = _load_model(model_ref, o)
         compute = {k: v for k, v in extractor_kwargs(o).items() if k not in ("weights", "layer", "pooling", "dtype")}
-        report = dr.check_model(m, data[0], cache=o["cache_dir"], **kw, **compute)
+        current = None
+        if data[0] == "served":  # the traffic `probe serve --capture` stored: features straight from the cache
+            from .capture import served_features, served_model_name
+
+            current = served_features(o["cache_dir"], m, served_model_name(model_ref, m))
+        report = dr.check_model(m, data[0], cache=o["cache_dir"], current_features=current, **kw, **compute)
     else:
         if len(data) != 2:
             raise click.UsageError("give REFERENCE and CURRENT (or --model NAME CURRENT)")

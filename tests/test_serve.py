@@ -430,3 +430,75 @@ def test_served_log_skips_a_torn_last_line_and_filters_by_time(tmp_path):
     assert served_keys(tmp_path, "m@1/x", since="2100-01-01") == []
     assert served_keys(tmp_path, "m@1/x", since="2000-01-01T00:00:00") == ["a" * 64, "b" * 64]
     assert served_keys(tmp_path, "never-served") == []
+
+
+# -- the registry: promotion and rollback while serving; drift on captured traffic ----------------------------
+
+
+@pytest.fixture
+def registry(models, tmp_path):
+    from probe.registry import Registry
+
+    reg = Registry(tmp_path / "models")
+    reg.register(models["a"], "pets")  # version 1, the champion
+    reg.register(models["b"], "pets")  # version 2
+    return reg
+
+
+def test_promotion_and_rollback_during_a_stream_with_no_failed_request(models, registry, tmp_path):
+    image = models["images"][1]
+    exp_a, exp_b = (models[m].predict_proba([str(image)])[0] for m in ("model_a", "model_b"))
+    classes = models["model_a"].classes_
+    app = create_app("pets", registry=registry.root, cache=tmp_path / "cache", poll_s=0.1)
+    with background_server(app) as url, httpx.Client(timeout=60) as client:
+        version = lambda: client.get(f"{url}/metadata").json()["version"]  # noqa: E731
+        meta = client.get(f"{url}/metadata").json()
+        assert (meta["name"], meta["version"], meta["source"]["is_champion"]) == ("pets", 1, True)
+        with _Stream(url, image.read_bytes()) as stream:
+            assert _wait_for(lambda: len(stream.results) >= 3)
+            registry.promote("pets", 2)
+            assert _wait_for(lambda: version() == 2)
+            n = len(stream.results)
+            assert _wait_for(lambda: len(stream.results) >= n + 3)
+            after_promotion = stream.results[-1]
+            registry.rollback("pets")
+            assert _wait_for(lambda: version() == 1)
+            n = len(stream.results)
+            assert _wait_for(lambda: len(stream.results) >= n + 3)
+        meta = client.get(f"{url}/metadata").json()
+    assert [s for s, _, _ in stream.results if s != 200] == []
+    versions = [v for _, v, _ in stream.results]
+    assert versions[0] == 1 and 2 in versions and versions[-1] == 1
+    assert after_promotion[1] == 2
+    np.testing.assert_allclose(_proba(after_promotion[2]["predictions"][0], classes), exp_b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_proba(stream.results[-1][2]["predictions"][0], classes), exp_a, rtol=1e-5, atol=1e-6)
+    assert meta["serving"]["swaps"] == 2 and meta["source"]["ref"] == "pets@1"
+
+
+def test_an_unknown_registry_reference_is_a_one_line_error(registry, tmp_path):
+    res = invoke("serve", "cats@champion", "--registry", registry.root, expect=1)
+    assert "cats" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_drift_runs_on_captured_traffic(models, registry, tmp_path):
+    import json
+
+    from conftest import make_image
+
+    cache = tmp_path / "cache"
+    shutil.copytree(models["root"] / "cache", cache)  # holds the training features drift compares with
+    shifted = [make_image(tmp_path / "traffic" / f"{i}.png", seed=500 + i, color=(128, 128, 128)) for i in range(12)]
+    app = create_app("pets", registry=registry.root, cache=cache, capture=True, poll_s=0)
+    with background_server(app) as url, httpx.Client(timeout=60) as client:
+        for f in shifted:
+            assert _post_image(client, url, f.read_bytes()).status_code == 200
+    assert len(served_keys(cache, "pets")) == 12
+    res = invoke("drift", "--model", "pets", "served", "--registry", registry.root, "--cache", cache,
+                 "--permutations", 50, "--json", "--device", "cpu", expect=None)
+    report = json.loads(res.output)
+    assert res.exit_code == 3 and report["drift"] is True, res.output
+    assert report["n_current"] == 12 and report["n_reference"] == len(models["model_a"].train_keys)
+    assert all(s["path"].startswith("served:") for s in report["most_shifted"])
+    # nothing served under another name: a clear one-line error
+    res = invoke("drift", "--model", models["a"], "served", "--cache", cache, "--device", "cpu", expect=1)
+    assert "no captured traffic" in res.output

@@ -85,15 +85,13 @@ PREDICT_BODY = {
 
 def model_source(model_ref, registry=None, *, trust: bool = False):
     """A FileSource for an existing file, else a RegistrySource for a registry reference."""
+    from ..registry import is_model_ref
+
     if not isinstance(model_ref, (str, os.PathLike)):
         return model_ref  # already a source
     if Path(model_ref).is_file():
         return FileSource(model_ref, trust=trust)
-    try:
-        from ..registry import is_model_ref
-    except ImportError:
-        raise ProbeError(f"{model_ref}: no such model file") from None
-    if not is_model_ref(str(model_ref)):
+    if isinstance(model_ref, Path) or not is_model_ref(str(model_ref)):
         raise ProbeError(f"{model_ref}: no such model file, and not a registry reference (NAME or NAME@REF)")
     return RegistrySource(str(model_ref), registry, trust=trust)
 

@@ -101,12 +101,11 @@ class RegistrySource:
         from ..registry import load_model
 
         mv = self._resolve()
-        model = load_model(str(mv.path), registry=self.registry, trust=self.trust)
-        info = {"reference": self.ref, "path": str(mv.path), "sha256": mv.sha256,
-                "status": getattr(mv, "status", None), "is_champion": getattr(mv, "is_champion", None)}
-        lineage = getattr(mv, "lineage", None)
-        if lineage is not None:
-            info["lineage"] = lineage
+        model = load_model(mv.ref, registry=self.registry, trust=self.trust)  # pinned: NAME@VERSION, sha256 checked
+        lineage = {k: getattr(mv, k, None) for k in ("parent", "created", "user", "host", "n_train", "keys_digest",
+                                                     "sources", "gate")}
+        info = {"reference": self.ref, "ref": mv.ref, "registry": str(self.registry.root), "path": str(mv.path),
+                "sha256": mv.sha256, "status": mv.status, "is_champion": mv.is_champion, "lineage": lineage}
         return ServedModel(model, mv.name, mv.version, f"{mv.name}:{mv.version}:{mv.sha256}", info)
 
 
