@@ -167,7 +167,7 @@ class GuardMiddleware:
 def create_app(model_ref, *, registry=None, cache=None, capture: bool = False, max_batch: int = 16,
                max_wait_ms: float = 5.0, token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                max_pixels: int = DEFAULT_MAX_PIXELS, timeout_s: float = DEFAULT_TIMEOUT_S,
-               poll_s: float = DEFAULT_POLL_S, top_k: int = 5, decode_threads: int | None = None,
+               poll_s: float = DEFAULT_POLL_S, decode_threads: int | None = None,
                trust: bool = False, extract_options: dict | None = None):
     """Build the app serving ``model_ref`` (a ``.probe`` path, a registry reference, or a model source).
 
@@ -177,7 +177,7 @@ def create_app(model_ref, *, registry=None, cache=None, capture: bool = False, m
     """
     source = model_source(model_ref, registry, trust=trust)
     predictor = Predictor(source, cache=cache, capture=capture, batch_size=max_batch, max_pixels=max_pixels,
-                          top_k=top_k, extract_options=extract_options)
+                          extract_options=extract_options)
     batcher = Batcher(predictor.run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms)
     decoders = ThreadPoolExecutor(decode_threads or min(8, (os.cpu_count() or 1) + 1),
                                   thread_name_prefix="probe-decode")
@@ -271,11 +271,10 @@ def create_app(model_ref, *, registry=None, cache=None, capture: bool = False, m
                 raise HTTPException(413, f"{len(items)} images in one request; the limit is {MAX_IMAGES}")
             images = await asyncio.gather(*(decode(data, name) for name, data in items))
         results = await batcher.submit(images)  # no await between the two lines: the collector sees one or the other
-        served = predictor.current
         counters["inputs"] += len(results)
-        return {"model": served.name, "version": results[0]["version"],
-                "predictions": [{**{key: r[key] for key in ("class", "probability", "key")},
-                                 "top_k": r["top_k"][:k]} for r in results]}
+        return {"model": results[0]["model"], "version": results[0]["version"],
+                "predictions": [{"class": r["class"], "probability": r["probability"], "top_k": r["ranked"][:k],
+                                 "key": r["key"]} for r in results]}
 
     @app.post("/predict", response_model=PredictResponse, openapi_extra=PREDICT_BODY,
               responses={400: {}, 401: {}, 413: {}, 415: {}, 422: {}, 504: {}})

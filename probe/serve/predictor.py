@@ -109,8 +109,9 @@ class RegistrySource:
         return ServedModel(model, mv.name, mv.version, f"{mv.name}:{mv.version}:{mv.sha256}", info)
 
 
-def top_k(proba: np.ndarray, classes: list[str], k: int) -> list[dict]:
-    order = np.argsort(-proba, kind="stable")[:k]
+def ranked(proba: np.ndarray, classes: list[str]) -> list[dict]:
+    """Every class with its probability, most probable first (ties in class order)."""
+    order = np.argsort(-proba, kind="stable")
     return [{"class": classes[c], "probability": float(proba[c])} for c in order]
 
 
@@ -118,7 +119,7 @@ class Predictor:
     """The served model and the function the batcher runs on its worker thread."""
 
     def __init__(self, source: ModelSource, *, cache=None, capture: bool = False, batch_size: int = 16,
-                 max_pixels: int | None = None, top_k: int = 5, extract_options: dict | None = None):
+                 max_pixels: int | None = None, extract_options: dict | None = None):
         if capture and cache is None:
             raise ProbeError("traffic capture needs a feature cache (--cache DIR)")
         self.source = source
@@ -126,7 +127,6 @@ class Predictor:
         self.capture = capture
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.top_k = top_k
         self.extract_options = dict(extract_options or {})
         self.swaps = 0
         self.model_batches = 0  # forward passes of the backbone (Extractor stats)
@@ -177,23 +177,22 @@ class Predictor:
     # -- one batch ---------------------------------------------------------------------------------------
 
     def run_batch(self, images: list) -> list:
-        """Predictions for decoded PIL images: one dict (or ImageDecodeError) per image."""
+        """Predictions for decoded PIL images: one dict (or ImageDecodeError) per image, with every class
+        ranked by probability and the model name and version that made it."""
         served = self.current
         ex = served.extractor
         fs = ex.extract(images, strict=False)
         self.model_batches += fs.stats.model_batches
         classes = [str(c) for c in served.model.classes_]
-        k = max(1, min(self.top_k, len(classes)))
         out: list = [None] * len(images)
         for f in fs.failures:
             out[f.index] = ImageDecodeError(f.error)
         if len(fs):
             proba = served.model.predict_proba_features(fs.features)
             for j, i in enumerate(fs.indices):
-                top = top_k(proba[j], classes, len(classes))
-                out[i] = {"class": top[0]["class"], "probability": top[0]["probability"], "top_k": top[:k],
-                          "probabilities": {t["class"]: t["probability"] for t in top}, "key": fs.keys[j],
-                          "version": served.version}
+                order = ranked(proba[j], classes)
+                out[i] = {"class": order[0]["class"], "probability": order[0]["probability"], "ranked": order,
+                          "key": fs.keys[j], "model": served.name, "version": served.version}
             if self.capture:
                 self._log(served).append(fs.keys, ex.space.id, served.version)
         return [r if r is not None else ImageDecodeError("<image>: no result") for r in out]
