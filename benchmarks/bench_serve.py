@@ -3,13 +3,14 @@
 `probe serve` runs in a subprocess on a loopback port with a model (logistic-regression head) fitted on the main
 backbone; 1, 8 and 32 concurrent clients (asyncio tasks sharing one httpx client) each send PNG files one request
 at a time. Once with dynamic batching on (``--max-batch 16 --max-wait-ms 5``), once off (``--max-batch 1``),
-side by side in one run. Throughput (requests/s) and p50/p99 latency per setting, and the mean batch the server
+side by side in one run (both servers up, the settings alternating per client count). Throughput (requests/s) and p50/p99 latency per setting, and the mean batch the server
 formed. Bounded: at most N requests and T seconds per setting. Target: batching on / off >= 1.5x at 32 clients.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -140,10 +141,16 @@ def run(cfg: h.Config) -> None:
     total = _requests(cfg)
     bodies = [Path(p).read_bytes() for p in wl.pool_files(cfg, min(64, cfg.sizes.pool))]
     rows = []
-    for setting, (max_batch, max_wait) in SETTINGS.items():
-        with Server(cfg, model, max_batch, max_wait, work / f"server-{setting}.log") as server:
+    with contextlib.ExitStack() as stack:
+        # Both servers run at once and the settings alternate per client count, so a change in machine load
+        # during the run hits both sides alike (an idle server only polls its model file once a second).
+        servers = {setting: stack.enter_context(Server(cfg, model, max_batch, max_wait, work / f"server-{setting}.log"))
+                   for setting, (max_batch, max_wait) in SETTINGS.items()}
+        for server in servers.values():
             asyncio.run(_load(server.url, bodies, 16, 32, 60))  # warm-up: first batches, allocator, threads
-            for clients in CLIENTS:
+        for clients in CLIENTS:
+            for setting, server in servers.items():
+                max_batch, max_wait = SETTINGS[setting]
                 before = _batcher(server.url)
                 res = asyncio.run(_load(server.url, bodies, clients, total, SECONDS.get(cfg.scale, 60.0)))
                 after = _batcher(server.url)

@@ -407,13 +407,21 @@ def test_capture_stores_served_features_and_logs_their_keys(models, tmp_path):
             assert r.status_code == 200
             keys.append(r.json()["predictions"][0]["key"])
         space = app.state.predictor.current.extractor.space
-    assert served_keys(cache, "a") == list(dict.fromkeys(keys)) and len(set(keys)) == 4
+        # every captured batch is a new segment; the server must not keep a file open per batch
+        open_files = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+        extra = [image_bytes(900 + i, (40, 40)) for i in range(15)]
+        for data in extra:
+            assert _post_image(client, url, data).status_code == 200
+        if open_files is not None:
+            assert len(os.listdir("/proc/self/fd")) < open_files + 10
+    assert len(set(keys)) == 4 and served_keys(cache, "a")[:4] == list(dict.fromkeys(keys))
+    assert len(served_keys(cache, "a")) == 4 + 15
     assert served_keys(cache, "a", space=space.id) == served_keys(cache, "a")
     assert served_keys(cache, "a", space="other") == []
     lines = served_log_path(cache, "a").read_text().splitlines()
-    assert len(lines) == 5
+    assert len(lines) == 5 + 15
     store = FeatureCache(cache).open(space, create=False)
-    feats = store.get(served_keys(cache, "a"))
+    feats = store.get(served_keys(cache, "a")[:4])
     expected = models["model_a"].features([str(f) for f in files], cache=tmp_path / "other-cache").features
     np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-6)
 

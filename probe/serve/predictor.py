@@ -195,6 +195,9 @@ class Predictor:
                           "key": fs.keys[j], "model": served.name, "version": served.version}
             if self.capture:
                 self._log(served).append(fs.keys, ex.space.id, served.version)
+                # Each captured batch is a new segment, read back once: close the handles so that a long-running
+                # server does not keep one open file per batch it ever served.
+                ex.store.close()
         return [r if r is not None else ImageDecodeError("<image>: no result") for r in out]
 
     def _log(self, served: ServedModel) -> ServedLog:
