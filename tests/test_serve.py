@@ -510,3 +510,36 @@ def test_drift_runs_on_captured_traffic(models, registry, tmp_path):
     # nothing served under another name: a clear one-line error
     res = invoke("drift", "--model", models["a"], "served", "--cache", cache, "--device", "cpu", expect=1)
     assert "no captured traffic" in res.output
+
+
+def test_cli_serves_with_a_token_from_the_environment(models, tmp_path):
+    """`probe serve` itself, in a subprocess: binds the port, takes PROBE_TOKEN, answers, stops on SIGTERM."""
+    import socket
+    import subprocess
+
+    from conftest import probe_command, subprocess_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(probe_command("serve", models["a"], "--port", port, "--cache", tmp_path / "cache"),
+                            env=subprocess_env(PROBE_TOKEN="t0ken"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert _wait_for(up, timeout=120)
+        assert httpx.get(f"{url}/metadata").status_code == 401
+        r = httpx.post(f"{url}/predict", content=models["images"][0].read_bytes(),
+                       headers={"content-type": "image/png", "authorization": "Bearer t0ken"})
+        assert r.status_code == 200 and r.json()["model"] == "a"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert f"serving a on {url}/" in out
