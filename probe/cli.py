@@ -612,7 +612,7 @@ def refit(ctx, name, new_data, if_drift, policy, gate, gate_split, metric, toler
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
               help="Most inputs run through the backbone together (1 turns dynamic batching off).")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="How long a batch waits for more requests after its first.")
+              help="How long a forming batch waits for requests already arriving (a lone request never waits).")
 @click.option("--capture", is_flag=True,
               help="Store features of served inputs in the cache and log their keys (for `probe drift`).")
 @click.option("--token", envvar="PROBE_TOKEN", default=None,
