@@ -610,7 +610,8 @@ def refit(ctx, name, new_data, if_drift, policy, gate, gate_split, metric, toler
               help="Interface to bind; anything but loopback needs --token.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Most inputs run through the backbone together (1 turns dynamic batching off).")
+              help="Most inputs gathered into one batch (1 turns dynamic batching off); the backbone runs a batch "
+                   "in passes of its device batch size (8 on CPU, 128 on CUDA).")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="How long a forming batch waits for requests already arriving (a lone request never waits).")
 @click.option("--capture", is_flag=True,

@@ -30,7 +30,7 @@ COLUMNS = {
     "sweep": {"method", "fits", "seconds", "C", "val_accuracy", "test_accuracy", "ratio"},
     "accuracy": {"features", "head", "accuracy", "macro_f1", "ece", "n_train", "n_test"},
     "memory": {"run", "inputs", "dtype", "peak_rss_mb", "bytes_per_row", "test_accuracy", "ratio"},
-    "serve": {"backbone", "batching", "max_batch", "clients", "requests", "failed", "rps", "p50_ms", "p99_ms",
+    "serve": {"backbone", "batching", "rep", "max_batch", "clients", "requests", "failed", "rps", "p50_ms", "p99_ms",
               "mean_batch", "ratio"},
 }
 TOY = ["--scale", "tiny", "--backbone", TINY, "--speed-backbone", TINY]

@@ -176,7 +176,7 @@ def create_app(model_ref, *, registry=None, cache=None, capture: bool = False, m
     ``poll_s``: how often the source is checked for a new version (0 disables hot swap).
     """
     source = model_source(model_ref, registry, trust=trust)
-    predictor = Predictor(source, cache=cache, capture=capture, batch_size=max_batch, max_pixels=max_pixels,
+    predictor = Predictor(source, cache=cache, capture=capture, max_pixels=max_pixels,
                           extract_options=extract_options)
     batcher = Batcher(predictor.run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms)
     decoders = ThreadPoolExecutor(decode_threads or min(8, (os.cpu_count() or 1) + 1),

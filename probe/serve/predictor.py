@@ -118,14 +118,13 @@ def ranked(proba: np.ndarray, classes: list[str]) -> list[dict]:
 class Predictor:
     """The served model and the function the batcher runs on its worker thread."""
 
-    def __init__(self, source: ModelSource, *, cache=None, capture: bool = False, batch_size: int = 16,
-                 max_pixels: int | None = None, extract_options: dict | None = None):
+    def __init__(self, source: ModelSource, *, cache=None, capture: bool = False, max_pixels: int | None = None,
+                 extract_options: dict | None = None):
         if capture and cache is None:
             raise ProbeError("traffic capture needs a feature cache (--cache DIR)")
         self.source = source
         self.cache = cache
         self.capture = capture
-        self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.extract_options = dict(extract_options or {})
         self.swaps = 0
@@ -142,13 +141,19 @@ class Predictor:
         if previous is not None and previous.model.backbone == served.model.backbone:
             served.extractor = previous.extractor
             return served
+        # The forward passes use the engine's own batch size for the device (unless given): a gathered batch
+        # larger than what the device runs best is split, as `probe predict` would split it.
         options = dict(self.extract_options)
-        options.setdefault("batch_size", self.batch_size)
         options.setdefault("workers", 0)  # decoding already happened in the server's thread pool
         options.setdefault("progress", False)
         if self.max_pixels is not None:
             options.setdefault("max_pixels", self.max_pixels)
-        served.extractor = served.model.extractor(self.cache, write=self.capture, **options)
+        ex = served.model.extractor(self.cache, write=self.capture, **options)
+        if ex.batch_size is None:  # the device's default, never the one-off tuning run (it would write the cache)
+            from ..engine import DEFAULT_CPU_BATCH, DEFAULT_CUDA_BATCH
+
+            ex.batch_size = DEFAULT_CUDA_BATCH if ex.device.type == "cuda" else DEFAULT_CPU_BATCH
+        served.extractor = ex
         return served
 
     def refresh(self) -> bool:
