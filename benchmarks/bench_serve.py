@@ -1,4 +1,4 @@
-"""Benchmark 8: serving with dynamic batching.
+"""Benchmark 9: serving with dynamic batching.
 
 `probe serve` runs in a subprocess on a loopback port with a model (logistic-regression head) fitted on the main
 backbone; 1, 8 and 32 concurrent clients (asyncio tasks sharing one httpx client) each send PNG files one request
@@ -24,7 +24,7 @@ import harness as h
 import workload as wl
 
 NAME = "serve"
-TITLE = "8. Serving: dynamic batching on vs off"
+TITLE = "9. Serving: dynamic batching on vs off"
 CLIENTS = (1, 8, 32)
 SETTINGS = {"on": ("16", "5"), "off": ("1", "0")}  # --max-batch, --max-wait-ms
 TARGET = 1.5  # throughput on / off at the most clients
@@ -189,7 +189,7 @@ def section(results: dict) -> tuple[str, list[dict]]:
         text += ["", "Throughput on / off (medians over the repetitions): " + ", ".join(
             f"{r['clients']} clients **{h.fmt(r['ratio'])}x**" for r in ratios) + "."]
         last = max(ratios, key=lambda r: int(r["clients"]))
-        claims.append(h.claim("8 serve", f"throughput with dynamic batching / without, {last['clients']} clients",
+        claims.append(h.claim("9 serve", f"throughput with dynamic batching / without, {last['clients']} clients",
                               f"{h.fmt(last['ratio'])}x", f">= {TARGET}x", last["met"] == "yes"))
     return "\n".join(text), claims
 

@@ -19,12 +19,13 @@ import bench_incremental
 import bench_memory
 import bench_refit
 import bench_serve
+import bench_shift
 import bench_sweep
 import bench_throughput
 import harness as h
 
 BENCHMARKS = (bench_throughput, bench_handloop, bench_refit, bench_incremental, bench_sweep, bench_accuracy,
-              bench_memory, bench_serve)
+              bench_memory, bench_shift, bench_serve)
 RUN_FILE = "run.json"
 PLOT = "throughput_vs_batch.png"
 

@@ -29,6 +29,7 @@ import bench_incremental
 import bench_memory
 import bench_refit
 import bench_serve
+import bench_shift
 import bench_sweep
 import bench_throughput
 import harness as h
@@ -36,7 +37,7 @@ import report
 
 # refit first: its cold run fills the shared cache that sweep, accuracy and memory read.
 ORDER = (bench_refit, bench_sweep, bench_accuracy, bench_memory, bench_throughput, bench_handloop, bench_incremental,
-         bench_serve)
+         bench_shift, bench_serve)
 
 log = logging.getLogger("benchmarks")
 

@@ -4,6 +4,8 @@
                                          --> classifier two-sample test (cross-validated AUC, Mann-Whitney p-value)
     with a model: predicted labels       --> chi-square on the label distribution
                   top-class confidence   --> shift in mean confidence (Mann-Whitney p-value)
+                  (reference predictions are cross-fitted: the head refit on the other folds of its training
+                  set predicts each fold, so both sides are predictions on unseen inputs)
     --> one verdict (Bonferroni over the tests), the most shifted current inputs
 
 The statistics are written here (a few dozen lines) rather than taken from alibi-detect, whose dependency tree is
@@ -38,6 +40,8 @@ DEFAULT_PERMUTATIONS = 200
 DEFAULT_MAX_SAMPLES = 1000
 DEFAULT_FOLDS = 5
 TOP_SHIFTED = 10
+#: With --model, at most this many training inputs form the reference (and are cross-fitted for the model tests).
+REFERENCE_MAX = 10000
 
 
 @dataclass
@@ -174,7 +178,10 @@ def classifier_test(X, Y, *, folds: int = DEFAULT_FOLDS, seed: int = 0,
     side = np.concatenate([np.zeros(len(xi), dtype=int), np.ones(len(yi), dtype=int)])
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=300))
     tr, te = train_test_split(np.arange(len(Z)), test_size=0.5, stratify=side, random_state=seed)
-    held = clf.fit(Z[tr], side[tr]).decision_function(Z[te])
+    from .heads import blas_threads
+
+    with blas_threads():  # lbfgs on a few hundred rows: extra BLAS threads only contend (see probe/heads.py)
+        held = clf.fit(Z[tr], side[tr]).decision_function(Z[te])
     cur, ref = held[side[te] == 1], held[side[te] == 0]
     res = mannwhitneyu(cur, ref, alternative="greater")
     auc = float(res.statistic) / (len(cur) * len(ref))
@@ -183,7 +190,8 @@ def classifier_test(X, Y, *, folds: int = DEFAULT_FOLDS, seed: int = 0,
         k = int(max(2, min(folds, len(xi), len(yi))))
         oof = np.empty(len(Z))
         for a, b in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(Z, side):
-            oof[b] = clf.fit(Z[a], side[a]).decision_function(Z[b])
+            with blas_threads():
+                oof[b] = clf.fit(Z[a], side[a]).decision_function(Z[b])
         detail.update({"cv_auc": float(roc_auc_score(side, oof)), "folds": k,
                        "current_scores": (1 / (1 + np.exp(-oof[side == 1]))).tolist(), "current_index": yi.tolist()})
     return TestResult("classifier", auc, float(res.pvalue), detail)
@@ -265,14 +273,61 @@ def check_model(model, current, *, cache="cache", alpha: float = DEFAULT_ALPHA, 
     FeatureSet) skips extracting ``current``."""
     from .sources import resolve
 
-    ref = training_features(model, cache)
+    if model.train_set is not None:
+        label_of: dict = {}
+        for k, lab in zip(*model.train_set):
+            label_of.setdefault(k, lab)
+        keys = _bounded(list(label_of), seed)
+        ref = training_features(model, cache, keys)
+        ref_proba = cross_fitted_proba(model, ref, [label_of[k] for k in keys], seed)
+    else:
+        ref = training_features(model, cache, _bounded(list(model.train_keys or []), seed))
+        ref_proba = None
+        log.warning("the model records no training labels: the predicted-label and confidence tests are skipped "
+                    "(on its own training inputs a head is over-confident, which would read as drift)")
     if current_features is None:
         current_features = model.features(resolve(current), cache=cache, write=True, strict=False,
                                           **extract_options)
     cur = current_features
-    return detect(ref, cur.features, current_paths=cur.paths, reference_proba=model.predict_proba_features(ref),
-                  current_proba=model.predict_proba_features(cur.features), classes=model.classes_, alpha=alpha,
-                  seed=seed, n_permutations=n_permutations, max_samples=max_samples)
+    return detect(ref, cur.features, current_paths=cur.paths, reference_proba=ref_proba,
+                  current_proba=None if ref_proba is None else model.predict_proba_features(cur.features),
+                  classes=model.classes_, alpha=alpha, seed=seed, n_permutations=n_permutations,
+                  max_samples=max_samples)
+
+
+def _bounded(keys: list[str], seed: int) -> list[str]:
+    """At most :data:`REFERENCE_MAX` of a model's training keys (a seeded subset, in their order)."""
+    if len(keys) <= REFERENCE_MAX:
+        return keys
+    idx = subsample(len(keys), REFERENCE_MAX, np.random.default_rng(seed))
+    log.info("reference: %d of the model's %d training inputs (seeded subset)", REFERENCE_MAX, len(keys))
+    return [keys[i] for i in idx]
+
+
+def cross_fitted_proba(model, X: np.ndarray, y, seed: int = 0, folds: int = DEFAULT_FOLDS) -> np.ndarray | None:
+    """Out-of-fold class probabilities of the model's training inputs: the head (same settings) refit on the
+    other folds predicts each fold, so the reference predictions are made on unseen inputs, like the current
+    ones. (In-sample predictions are over-confident and would make every new data set look drifted.)
+    None when some class has fewer than 2 training inputs."""
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray([str(v) for v in y], dtype=object)
+    classes = [str(c) for c in model.classes_]
+    counts = [int((y == c).sum()) for c in classes]
+    k = min(folds, min(counts))
+    if k < 2:
+        log.warning("a class has fewer than 2 training inputs: predicted-label and confidence tests skipped")
+        return None
+    from .heads import blas_threads
+
+    proba = np.zeros((len(y), len(classes)))
+    for tr, te in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X, y):
+        with blas_threads():
+            head = clone(model.head).fit(X[tr], y[tr])
+        cols = [classes.index(str(c)) for c in head.classes_]
+        proba[np.ix_(te, cols)] = head.predict_proba(X[te])
+    return proba
 
 
 def training_features(model, cache="cache", keys: Sequence[str] | None = None) -> np.ndarray:

@@ -138,7 +138,9 @@ def refit(name: str, new_data, *, registry: str | os.PathLike | Registry | None 
     if if_drift:
         from .drift import check_model
 
+        t = time.perf_counter()
         result.drift = check_model(champion, None, cache=cache, alpha=alpha, seed=seed, current_features=new_fs)
+        result.seconds["drift"] = time.perf_counter() - t
         if not result.drift.drift:
             result.decision = NO_DRIFT
             result.seconds["total"] = time.perf_counter() - t0

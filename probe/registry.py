@@ -141,11 +141,11 @@ def validate_name(name: str) -> str:
 def is_model_ref(s) -> bool:
     """True for a registry reference (``NAME``, ``NAME@champion``, ``NAME@3``), False for a model file path.
 
-    Anything that exists on disk, ends in ``.probe`` or contains a path separator is a path.
+    An existing file, or anything ending in ``.probe`` or containing a path separator, is a path.
     """
     if not isinstance(s, str):
         return False
-    if s.endswith(".probe") or "/" in s or os.sep in s or os.path.exists(s):
+    if s.endswith(".probe") or "/" in s or os.sep in s or os.path.isfile(s):
         return False
     return REF_RE.match(s) is not None
 

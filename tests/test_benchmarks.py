@@ -30,6 +30,8 @@ COLUMNS = {
     "sweep": {"method", "fits", "seconds", "C", "val_accuracy", "test_accuracy", "ratio"},
     "accuracy": {"features", "head", "accuracy", "macro_f1", "ece", "n_train", "n_test"},
     "memory": {"run", "inputs", "dtype", "peak_rss_mb", "bytes_per_row", "test_accuracy", "ratio"},
+    "shift": {"phase", "item", "statistic", "p_value", "accuracy", "seconds", "ratio", "champion_score",
+              "challenger_score"},
     "serve": {"backbone", "batching", "rep", "max_batch", "clients", "requests", "failed", "rps", "p50_ms", "p99_ms",
               "mean_batch", "ratio"},
 }
@@ -72,7 +74,7 @@ def test_run_all_writes_every_result_file(toy_run):
         assert {r["data"] for r in rows} == {"generated"}
     run = json.loads((out / "run.json").read_text())
     assert set(run["benchmarks"]) == {"throughput", "handloop", "refit", "incremental", "sweep", "accuracy", "memory",
-                                      "serve"}
+                                      "shift", "serve"}
     assert not [name for name, s in run["benchmarks"].items() if "error" in s]
 
 
@@ -92,6 +94,13 @@ def test_run_all_rows_are_complete(toy_run):
     assert any(int(r["files_hashed"]) > 0 for r in refit if r["phase"] == "hash: fresh memo")
     memory = _rows(out / "memory.csv")
     assert {r["dtype"] for r in memory if r["run"].startswith("extract")} == {"float32", "float16"}
+    shift = _rows(out / "shift.csv")
+    assert {r["phase"] for r in shift} >= {"drift: no shift", "drift: shift", "gate", "accuracy on shifted test",
+                                           "time", "ratio"}
+    assert {r["item"] for r in shift if r["phase"] == "drift: shift"} == {
+        "mmd", "classifier", "predicted_labels", "confidence"}
+    assert all(0.0 < float(r["p_value"]) <= 1.0 for r in shift if r["phase"].startswith("drift"))
+    assert next(r for r in shift if r["phase"] == "gate")["item"] in ("promoted", "rejected", "no-drift")
     serve = _rows(out / "serve.csv")
     assert {(r["batching"], r["clients"]) for r in serve} == {
         (b, str(c)) for b in ("on", "off", "ratio on / off") for c in (1, 8, 32)}
@@ -104,7 +113,8 @@ def test_run_all_builds_readme_and_plot(toy_run):
     readme = (out / "README.md").read_text()
     for title in ("1. Extraction throughput", "2. probe.extract vs the hand-written loop", "3. Refit from cache",
                   "4. Incremental extraction", "5. Regularization sweep", "6. Linear-probe accuracy",
-                  "7. Memory and storage", "8. Serving: dynamic batching", "## Summary"):
+                  "7. Memory and storage", "8. Data shift", "9. Serving: dynamic batching",
+                  "## Summary"):
         assert title in readme
     assert "failed in the last run" not in readme
     assert (out / "throughput_vs_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

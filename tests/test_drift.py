@@ -51,6 +51,26 @@ def test_p_values_are_permutation_exact_and_bounded():
     assert res.p_value * 20 == pytest.approx(round(res.p_value * 20))  # (1 + count) / (1 + P)
 
 
+def test_mmd_statistic_matches_the_textbook_formula():
+    """Cross-check against a direct computation: MMD^2 = mean k(x,x') + mean k(y,y') - 2 mean k(x,y), RBF kernel
+    exp(-d^2 / median d^2) over the pooled sample."""
+    rng = np.random.default_rng(11)
+    X, Y = rng.normal(size=(30, 5)), rng.normal(0.3, 1.0, size=(20, 5))
+    Z = np.concatenate([X, Y])
+    d2 = ((Z[:, None, :] - Z[None, :, :]) ** 2).sum(-1)
+    K = np.exp(-d2 / np.median(d2[np.triu_indices(50, k=1)]))
+    expected = K[:30, :30].mean() + K[30:, 30:].mean() - 2 * K[:30, 30:].mean()
+    assert mmd_test(X, Y, n_permutations=10).statistic == pytest.approx(expected, rel=1e-9)
+
+
+def test_classifier_auc_is_the_held_out_roc_auc():
+    rng = np.random.default_rng(12)
+    X, Y = rng.normal(size=(40, 3)), rng.normal(1.0, 1.0, size=(40, 3))
+    res = classifier_test(X, Y, seed=0)
+    assert 0.5 < res.statistic <= 1.0 and res.detail["auc"] == res.statistic
+    assert res.detail["cv_auc"] > 0.5 and len(res.detail["current_scores"]) == 40
+
+
 def test_large_sets_are_subsampled_to_the_bound():
     rng = np.random.default_rng(0)
     X, Y = rng.normal(size=(500, 4)), rng.normal(size=(300, 4))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -34,6 +35,7 @@ def setup(tmp_path):
 
 def test_refit_extracts_only_new_inputs_and_keeps_the_gate_out_of_training(setup):
     new = make_image_folder(setup["tmp"] / "new", SHIFTED, per_class=5, seed=300)
+    shutil.rmtree(setup["train"])  # the old inputs' features must come from the cache alone
     res = refit("shoes", new, registry=setup["reg"], cache=setup["cache"], **CPU)
     assert res.new_stats.new == 15 and res.new_stats.model_batches == math.ceil(15 / 4)
     assert res.n_old == 24  # the champion's training set, read from the cache
@@ -116,6 +118,19 @@ def test_refit_killed_before_promotion_leaves_the_old_champion(setup):
     listing = json.loads(invoke("models", "list", "--json", "--registry", setup["reg"].root).output)
     assert [(v["version"], v["is_champion"]) for v in listing] == [(1, True)]
     assert len(list((setup["reg"].root / "objects").glob("*.probe"))) == 2  # the stored, unreferenced challenger
-    rerun = subprocess.run(probe_command(*args), env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert rerun.returncode in (0, 3), rerun.stderr
+    rerun = invoke(*args, expect=None)
+    assert rerun.exit_code in (0, 3), rerun.output
     assert [v.version for v in Registry(setup["reg"].root).versions("shoes")] == [1, 2]
+
+
+def test_model_drift_reference_is_the_cached_training_set_bounded(setup, monkeypatch):
+    from probe import drift
+    from probe.registry import load_model
+
+    model = load_model("shoes", registry=setup["reg"])
+    same = make_image_folder(setup["tmp"] / "same", COLORS, per_class=4, seed=50)
+    shutil.rmtree(setup["train"])  # reference features come from the cache only
+    report = drift.check_model(model, same, cache=setup["cache"], n_permutations=20, **CPU)
+    assert report.n_reference == 24 and report.n_current == 12
+    monkeypatch.setattr(drift, "REFERENCE_MAX", 10)
+    assert drift.check_model(model, same, cache=setup["cache"], n_permutations=20, **CPU).n_reference == 10
