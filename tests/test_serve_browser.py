@@ -1,7 +1,8 @@
 """The page of ``probe serve`` in a real browser: headless Debian Chromium driven by Selenium.
 
-It loads the page, waits for the model card, uploads an image through the file input, reads the predicted class
-from the page and compares it with ``ProbeModel.predict``. A screenshot is written to
+It serves a registry model behind a bearer token, loads the page, types the token into it, waits for the model
+card, uploads an image through the file input, reads the predicted class from the page and compares it with
+``ProbeModel.predict``. A screenshot is written to
 build/test-artifacts/serve-page.png. Skipped, with the reason, only where Chromium or ChromeDriver is absent.
 """
 
@@ -35,7 +36,7 @@ def _browser(profile: Path):
     opts.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={profile}"):
+                 "--disable-dev-shm-usage", "--window-size=1280,1000", f"--user-data-dir={profile}"):
         opts.add_argument(flag)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
@@ -49,19 +50,29 @@ def test_page_uploads_an_image_and_shows_the_prediction(tmp_path):
 
     from probe.serve.app import background_server, create_app
 
+    from probe.registry import Registry
+
     images = make_image_folder(tmp_path / "images", per_class=6)
     res = probe.fit(images, backbone=TINY, cache=tmp_path / "cache", batch_size=8,
                     output=tmp_path / "pets.probe", progress=False)
+    registry = Registry(tmp_path / "models")
+    registry.register(res.path, "pets")
     upload = make_image(tmp_path / "upload" / "dog.png", seed=4242, size=(64, 64), color=(40, 200, 60))
     expected = str(res.model.predict([str(upload)])[0])
 
     driver = _browser(tmp_path / "chromium-profile")
     try:
-        with background_server(create_app(tmp_path / "pets.probe", cache=tmp_path / "cache")) as url:
+        app = create_app("pets@champion", registry=registry.root, cache=tmp_path / "cache", token="s3cret")
+        with background_server(app) as url:
             driver.set_page_load_timeout(60)
             driver.get(url + "/")
             wait = WebDriverWait(driver, 60)
+            # the page itself is public; the model card needs the token, typed into the page
+            wait.until(ec.text_to_be_present_in_element((By.ID, "card-status"), "needs a token"))
+            driver.find_element(By.ID, "token").send_keys("s3cret")
+            driver.find_element(By.ID, "token-save").click()
             wait.until(ec.text_to_be_present_in_element((By.ID, "model-name"), "pets"))
+            assert driver.find_element(By.ID, "model-version").text == "version 1"
             card = driver.find_element(By.ID, "card-body").text
             assert TINY in card and "cat" in card and "fish" in card
             driver.find_element(By.ID, "file").send_keys(str(upload))
