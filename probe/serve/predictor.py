@@ -14,7 +14,6 @@ as ``probe predict`` computes them (and, with capture on, stored in the cache as
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -28,6 +27,7 @@ import numpy as np
 from ..capture import ServedLog
 from ..errors import ImageDecodeError, ProbeError
 from ..model import ProbeModel, load
+from ..sources import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,6 @@ class ModelSource(Protocol):
         """Load the current version."""
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class FileSource:
     """A ``.probe`` file; a new file put in its place (rename) is picked up as a new version."""
 
@@ -76,7 +68,7 @@ class FileSource:
     def load(self) -> ServedModel:
         ident = self.identity()
         model = load(self.path, trust=self.trust)
-        sha = file_sha256(self.path)
+        sha = sha256_file(self.path)
         return ServedModel(model, self.path.stem, None, ident, {"path": str(self.path), "sha256": sha})
 
 
