@@ -81,6 +81,9 @@ def compute_options(f):
                      help="Override the per-device (auto-tuned) batch size."),
         click.option("--workers", type=click.IntRange(min=0), default=None,
                      help="Decode/preprocess worker processes (default: 0 on small CPUs, more with a GPU)."),
+        click.option("--threads", type=click.IntRange(min=0), default=None,
+                     help="Decode threads running ahead of the model (default: 1 on small CPUs; 0: decode in the "
+                          "model's thread)."),
         click.option("--max-pixels", type=click.IntRange(min=1), default=None,
                      help="Refuse larger images (decompression-bomb guard)."),
         click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal)."),
@@ -655,7 +658,8 @@ def _drift_options(f):
 @click.pass_context
 def drift(ctx, data, model_ref, permutations, max_samples, as_json, alpha, seed, **o):
     """Test whether CURRENT data drifted from REFERENCE: `probe drift REFERENCE CURRENT` or
-    `probe drift --model NAME CURRENT`. Exit status 0 = no drift, 3 = drift, 1 = error."""
+    `probe drift --model NAME CURRENT` (CURRENT `served`: the traffic `probe serve --capture` stored).
+    Exit status 0 = no drift, 3 = drift, 1 = error."""
     import json
 
     from . import drift as dr
@@ -666,7 +670,12 @@ def drift(ctx, data, model_ref, permutations, max_samples, as_json, alpha, seed,
         if len(data) != 1:
             raise click.UsageError("with --model give one CURRENT data source")
         m = _load_model(model_ref, o)
-        report = dr.check_model(m, data[0], cache=opts.cache, **kw, **_compute_of(opts))
+        current = None
+        if data[0] == "served":  # the traffic `probe serve --capture` stored: features straight from the cache
+            from .capture import served_features, served_model_name
+
+            current = served_features(opts.cache, m, served_model_name(model_ref, m))
+        report = dr.check_model(m, data[0], cache=opts.cache, current_features=current, **kw, **_compute_of(opts))
     else:
         if len(data) != 2:
             raise click.UsageError("give REFERENCE and CURRENT (or --model NAME CURRENT)")
@@ -722,6 +731,55 @@ def refit(ctx, name, new_data, if_drift, policy, gate, gate_split, metric, toler
             click.echo(res.drift.format())
         click.echo(res.format())
     ctx.exit(res.exit_code)
+
+
+# -- serving -------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; anything but loopback needs --token.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most inputs gathered into one batch (1 turns dynamic batching off); the backbone runs a batch "
+                   "in passes of its device batch size (8 on CPU, 128 on CUDA).")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long a forming batch waits for requests already arriving (a lone request never waits).")
+@click.option("--capture", is_flag=True,
+              help="Store features of served inputs in the cache and log their keys (for `probe drift`).")
+@click.option("--token", envvar="PROBE_TOKEN", default=None,
+              help="Bearer token required on every endpoint but /health (env PROBE_TOKEN).")
+@click.option("--registry", "registry_dir", type=click.Path(file_okay=False), default=None,
+              help="Model registry folder, when MODEL is a reference (NAME, NAME@champion, NAME@3).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=DEFAULT_CACHE, show_default=True,
+              help="Feature cache: read for known inputs; written only with --capture.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=20.0, show_default=True,
+              help="Largest request body.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds before a prediction request gets 504.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+@click.option("--runtime", type=click.Choice(["auto", "eager", "onnxruntime", "openvino"]), default="auto",
+              show_default=True, help="What runs the backbone (auto: the choice this machine remembers, else eager).")
+@click.option("--trust", is_flag=True, help="Allow loading a head stored as a pickle (runs code!).")
+def serve(model, host, port, max_batch, max_wait_ms, capture, token, registry_dir, cache_dir, max_body_mb, timeout_s,
+          device, runtime, trust):
+    """Serve MODEL (a .probe file or a registry reference) over HTTP: /predict, /metadata, /health and a page at /."""
+    from .serve import check_bind, create_app
+
+    check_bind(host, token)
+    try:
+        import uvicorn
+    except ImportError:
+        raise click.ClickException("probe serve needs the [serve] extra: pip install 'probe[serve]'") from None
+    app = create_app(model, registry=registry_dir, cache=cache_dir, capture=capture, max_batch=max_batch,
+                     max_wait_ms=max_wait_ms, token=token, max_body_bytes=int(max_body_mb * 2**20),
+                     timeout_s=timeout_s, trust=trust,
+                     extract_options={"runtime": runtime, **({"device": device} if device else {})})
+    served = app.state.predictor.current
+    version = "" if served.version is None else f" version {served.version}"
+    click.echo(f"serving {served.name}{version} on http://{host}:{port}/ (Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)
 
 
 def main():  # pragma: no cover - console entry point

@@ -19,7 +19,6 @@ or a ``.probe`` path.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import Iterator
 
 from .errors import ProbeError
 from .files import atomic_path
+from .sources import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +156,6 @@ def parse_ref(ref: str) -> tuple[str, str]:
     if not m:
         raise RegistryError(f"invalid model reference {ref!r}: use NAME, NAME@champion or NAME@VERSION")
     return m["name"], m["ref"] or "champion"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _now() -> str:
@@ -408,21 +400,21 @@ class Registry:
         path = self.object_path(mv.sha256)
         if not path.is_file():
             raise RegistryError(f"{mv.ref}: model file {path} is missing from the registry")
-        found = file_sha256(path)
+        found = sha256_file(path)
         if found != mv.sha256:
             raise RegistryError(f"{mv.ref}: model file {path} is corrupt (sha256 {found[:16]}..., "
                                 f"expected {mv.sha256[:16]}...)")
         return path
 
     def _store_object(self, model_file: str | os.PathLike) -> str:
-        sha = file_sha256(model_file)
+        sha = sha256_file(model_file)
         dest = self.object_path(sha)
-        if dest.is_file() and file_sha256(dest) == sha:
+        if dest.is_file() and sha256_file(dest) == sha:
             return sha
         self.objects.mkdir(parents=True, exist_ok=True)
         with atomic_path(dest) as tmp:
             shutil.copyfile(model_file, tmp)
-        if file_sha256(dest) != sha:
+        if sha256_file(dest) != sha:
             raise RegistryError(f"{model_file}: changed while being copied into the registry")
         return sha
 

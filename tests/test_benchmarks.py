@@ -37,6 +37,8 @@ COLUMNS = {
             "decode_s_per_image", "hash_s_per_image"},
     "shift": {"phase", "item", "statistic", "p_value", "accuracy", "seconds", "ratio", "champion_score",
               "challenger_score"},
+    "serve": {"backbone", "batching", "rep", "max_batch", "clients", "requests", "failed", "rps", "p50_ms", "p99_ms",
+              "mean_batch", "ratio"},
 }
 TOY = ["--scale", "tiny", "--backbone", TINY, "--speed-backbone", TINY]
 
@@ -78,7 +80,7 @@ def test_run_all_writes_every_result_file(toy_run):
         assert {r["data"] for r in rows} == {"generated"}
     run = json.loads((out / "run.json").read_text())
     assert set(run["benchmarks"]) == {"throughput", "handloop", "refit", "incremental", "sweep", "accuracy", "memory",
-                                      "photos", "runtime", "ray", "shift"}
+                                      "photos", "runtime", "ray", "shift", "serve"}
     assert not [name for name, s in run["benchmarks"].items() if "error" in s]
 
 
@@ -117,6 +119,10 @@ def test_run_all_rows_are_complete(toy_run):
         "mmd", "classifier", "predicted_labels", "confidence"}
     assert all(0.0 < float(r["p_value"]) <= 1.0 for r in shift if r["phase"].startswith("drift"))
     assert next(r for r in shift if r["phase"] == "gate")["item"] in ("promoted", "rejected", "no-drift")
+    serve = _rows(out / "serve.csv")
+    assert {(r["batching"], r["clients"]) for r in serve} == {
+        (b, str(c)) for b in ("on", "off", "ratio on / off") for c in (1, 8, 32)}
+    assert all(r["failed"] == "0" and int(r["requests"]) > 0 for r in serve if r["batching"] in ("on", "off"))
 
 
 @pytest.mark.slow
@@ -126,7 +132,7 @@ def test_run_all_builds_readme_and_plot(toy_run):
     for title in ("1. Extraction throughput", "2. probe.extract vs the hand-written loop", "3. Refit from cache",
                   "4. Incremental extraction", "5. Regularization sweep", "6. Linear-probe accuracy",
                   "7. Memory and storage", "8. Camera-sized JPEGs", "9. Inference runtimes", "10. Distributed extraction",
-                  "11. Data shift", "## Summary"):
+                  "11. Data shift", "12. Serving: dynamic batching", "## Summary"):
         assert title in readme
     assert "failed in the last run" not in readme
     assert (out / "throughput_vs_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
