@@ -35,8 +35,8 @@ from .backbones import load_backbone
 from .cache import FeatureCache, FeatureStore
 from .defaults import DEFAULT_BACKBONE
 from .engine import _DEFAULT, make_options, resolve_precision
-from .errors import ProbeError, StrictModeError
-from .featureset import ExtractStats, Failure, FeatureSet
+from .errors import ProbeError
+from .featureset import ExtractStats, Failure, FeatureSet, assemble
 from .options import ExtractOptions, OptionError
 from .ray_workers import CRASH_ONCE_ENV, BackboneActor, CacheSink, decode_batch, gpu_precision, hash_batch
 from .sources import MEMO_FILE, HashMemo, HashResult, Record, hash_files, resolve
@@ -160,28 +160,8 @@ class RayExtractor:
                         for i in lost)
         bad_keys.update(keys[i] for i in lost)
         stats.new = sum(1 for i in todo if keys[i] not in still_missing)
-        rows, reported = [], {f.index for f in failures}
-        for i in ok_idx:
-            if keys[i] in bad_keys:
-                if i not in reported:
-                    failures.append(Failure(i, records[i].path, "same bytes as an input that failed to decode"))
-            else:
-                rows.append(i)
-        failures.sort(key=lambda f: f.index)
-        stats.failed = len(failures)
-        stats.seconds["total"] = time.perf_counter() - t_start
-        log.info("extract (ray): %s", stats.summary())
-        fs = FeatureSet(
-            keys=[keys[i] for i in rows], paths=[records[i].path for i in rows],
-            labels=[records[i].label for i in rows], indices=rows, failures=failures, stats=stats, space=space,
-            store=store,
-        )
-        if strict and failures:
-            raise StrictModeError(
-                f"{len(failures)} of {len(records)} inputs failed (first: {failures[0].error}); "
-                "everything else was extracted and cached"
-            )
-        return fs
+        return assemble(records, keys, failures, bad_keys, stats, space, store, t_start=t_start, strict=strict,
+                        engine="extract (ray)")
 
     # -- steps -------------------------------------------------------------------------------------------
 
