@@ -1,7 +1,7 @@
 """Benchmark 6: linear-probe accuracy table.
 
 The shared Fashion-MNIST subset: cached backbone features x {logreg, linear-svm, ridge, knn}, and logistic
-regression on the raw pixels of the same files, all through ``probe.heads.fit_head`` with the same protocol
+regression on the raw pixels of the same files, all through ``probe.sweep.fit_head`` with the same protocol
 (seeded 10 % validation split for the sweep, refit on train+val), scored on the held-out test files with
 ``probe.metrics.classification_metrics``: accuracy, macro-F1, expected calibration error.
 """

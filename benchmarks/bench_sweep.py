@@ -1,6 +1,6 @@
 """Benchmark 5: the regularization sweep: its cost and how good its choice is.
 
-On the shared cached features (logreg head, ``probe.heads.fit_head`` with a seeded 10 % validation split):
+On the shared cached features (logreg head, ``probe.sweep.fit_head`` with a seeded 10 % validation split):
 
 * cost: ``fit_head`` with the sweep (coarse grid + refinement + refit on train+val) vs one ``fit_head`` at the
   chosen C (the refit alone; median of two). Target: <= 3x.
@@ -22,7 +22,7 @@ ACC_TARGET_PT = 0.3
 
 
 def run(cfg: h.Config) -> None:
-    from probe.heads import fit_head
+    from probe.sweep import fit_head
 
     train, test = wl.shared_features(cfg)
     X, y = train.features, wl.labels(train)

@@ -27,6 +27,8 @@ BENCHMARKS = (bench_throughput, bench_handloop, bench_refit, bench_incremental, 
               bench_memory, bench_runtime)
 RUN_FILE = "run.json"
 PLOT = "throughput_vs_batch.png"
+#: The project README's results table lives between these markers and is rewritten from the result files.
+BEGIN, END = "<!-- benchmark-results:begin -->", "<!-- benchmark-results:end -->"
 
 
 def load_results(out: Path) -> dict[str, list[dict]]:
@@ -74,11 +76,7 @@ def plot_throughput(grid: list[dict], path: Path) -> Path | None:
     return path
 
 
-def build(out: Path, readme: Path) -> Path:
-    out, readme = Path(out), Path(readme)
-    results = load_results(out)
-    run = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else {}
-    plot = plot_throughput(results.get(bench_handloop.GRID, []), out / PLOT)
+def _sections(results: dict, run: dict) -> tuple[list[str], list[dict]]:
     sections, claims = [], []
     for bench in BENCHMARKS:
         if not any(name in results for name in (bench.NAME, getattr(bench, "GRID", None))):
@@ -90,6 +88,56 @@ def build(out: Path, readme: Path) -> Path:
         took = f" ({h.fmt(status['seconds'])} s)" if status.get("seconds") else ""
         failed = f"\n\n**This benchmark failed in the last run:** `{status['error']}`" if status.get("error") else ""
         sections.append(f"## {bench.TITLE}{took}\n\n{text}{failed}\n")
+    return sections, claims
+
+
+def _claims_table(claims: list[dict]) -> str:
+    return h.md_table(claims, {"benchmark": "benchmark", "claim": "claim", "measured": "measured",
+                               "target": "target", "met": "met"}) if claims else "No results yet."
+
+
+def results_block(out: Path = h.RESULTS_DIR) -> str:
+    """The project README's results block: where and when the numbers were measured, and the summary table,
+    made from the result files alone."""
+    out = Path(out)
+    results = load_results(out)
+    run = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else {}
+    _, claims = _sections(results, run)
+    first = next(iter(results.values()), [{}])[0] if results else {}
+    return "\n".join([
+        BEGIN,
+        f"Measured by `{run.get('command', '?')}` ({h.fmt(run.get('seconds'))} s) on {run.get('started', '?')} UTC: "
+        f"{first.get('cpu_count', '?')} CPUs ({first.get('cpu_model', '?')}), device {first.get('device', '?')}, "
+        f"torch {first.get('torch_version', '?')} with {first.get('torch_threads', '?')} threads, git "
+        f"{first.get('git_commit', '?')}; scale {run.get('scale', '?')}, data {first.get('data', '?')}. "
+        "Generated from `benchmarks/results/` by `benchmarks/report.py` (details: "
+        "[benchmarks/README.md](benchmarks/README.md)).",
+        "",
+        _claims_table(claims),
+        END,
+    ])
+
+
+def update_project_readme(out: Path = h.RESULTS_DIR, readme: Path = h.REPO_ROOT / "README.md") -> Path | None:
+    """Rewrite the block between the markers in the project README from the result files (if it has one)."""
+    text = Path(readme).read_text()
+    if BEGIN not in text or END not in text:
+        return None
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    new = text[:start] + results_block(out) + text[end:]
+    if new != text:
+        tmp = Path(readme).with_name(f".tmp-{os.getpid()}-{Path(readme).name}")
+        tmp.write_text(new)
+        os.replace(tmp, readme)
+    return Path(readme)
+
+
+def build(out: Path, readme: Path) -> Path:
+    out, readme = Path(out), Path(readme)
+    results = load_results(out)
+    run = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).exists() else {}
+    plot = plot_throughput(results.get(bench_handloop.GRID, []), out / PLOT)
+    sections, claims = _sections(results, run)
     any_rows = next(iter(results.values()), [{}])
     first = any_rows[0] if any_rows else {}
     rel = os.path.relpath(out, readme.parent)
@@ -117,8 +165,7 @@ def build(out: Path, readme: Path) -> Path:
         "",
         "## Summary",
         "",
-        h.md_table(claims, {"benchmark": "benchmark", "claim": "claim", "measured": "measured", "target": "target",
-                            "met": "met"}) if claims else "No results yet.",
+        _claims_table(claims),
         "",
     ]
     if plot:
@@ -128,6 +175,8 @@ def build(out: Path, readme: Path) -> Path:
     tmp = readme.with_name(f".tmp-{os.getpid()}-{readme.name}")
     tmp.write_text(text)
     os.replace(tmp, readme)
+    if out.resolve() == h.RESULTS_DIR.resolve():  # the committed results: the project README follows them
+        update_project_readme(out)
     return readme
 
 

@@ -245,12 +245,12 @@ _HEAD_FITS: dict = {}
 
 
 def fit_head(name: str, X: np.ndarray, y: np.ndarray, seed: int = 0, **options):
-    """``probe.heads.fit_head(name, X, y, val_split=0.1, seed=seed, **options)``, remembered in this process by the
+    """``probe.sweep.fit_head(name, X, y, val_split=0.1, seed=seed, **options)``, remembered in this process by the
     content of X and y: benchmarks 5, 6 and 7 train the same logreg on the same features, and a fit is
     deterministic, so it runs once (its ``fit_seconds`` is that run's)."""
     import hashlib
 
-    from probe.heads import fit_head as fit
+    from probe.sweep import fit_head as fit
 
     digest = hashlib.sha256(np.ascontiguousarray(X).tobytes())
     digest.update("\0".join(map(str, y)).encode())

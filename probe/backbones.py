@@ -19,6 +19,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,7 +364,57 @@ def _tv_archs() -> list[str]:
     return sorted(models.list_models(module=models))
 
 
+ENTRY_POINT_GROUP = "probe.backbones"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
+_entry_points_loaded = False
+
+
+def register(name: str, *, description: str = "", dim: int | None = None, channels_last: bool = True,
+             weights_status: Callable[[], str] | None = None, replace: bool = False):
+    """Register a backbone under ``name`` (a decorator for its builder). The timm habit: one string names a model.
+
+    The builder takes the ``--weights`` value (a path or None) and returns ``(module, preprocess, weights_sha256,
+    weights_path)``: an ``nn.Module`` mapping a normalized ``(N, 3, crop, crop)`` batch to ``(N, dim)`` features
+    (or any output, with ``layer``/``pooling``), its :class:`~probe.preprocess.Preprocess`, the identity of its
+    weights (use :func:`file_sha256` of the file, or :func:`state_sha256` of the module) and the file read, if any.
+    The backbone then gets everything built-in ones have: a feature space and cache identity (weights digest and
+    preprocess included), layer/pooling, ``probe backbones`` listing, models that reload it by name. Packages
+    can register backbones for the command line through the entry-point group ``probe.backbones`` (each entry
+    point names a module whose import runs ``@register``). See docs/backbones.md.
+    """
+    if not isinstance(name, str) or not _NAME.match(name) or name.startswith("tv:"):
+        raise ProbeError(f"backbone name {name!r} must be letters, digits and _.:+- (and not start with 'tv:')")
+
+    def decorate(build: Callable):
+        if name in _REGISTRY and not replace and _REGISTRY[name].build is not build:
+            raise ProbeError(f"backbone {name!r} is already registered; pass replace=True to replace it")
+        doc = (build.__doc__ or "").strip().splitlines()
+        _REGISTRY[name] = BackboneSpec(
+            name, description or (doc[0] if doc else name), build, weights_status or (lambda: "user-registered"),
+            lambda: dim, channels_last=channels_last)
+        return build
+
+    return decorate
+
+
+def _load_entry_points() -> None:
+    """Import the modules named in the ``probe.backbones`` entry-point group (once); a broken plugin is logged,
+    not fatal."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as e:  # a third-party plugin must not break probe
+            log.warning("backbone plugin %s (%s) failed to load: %s", ep.name, ep.value, e)
+
+
 def backbone_names(include_tv: bool = True) -> list[str]:
+    _load_entry_points()
     names = list(_REGISTRY)
     if include_tv:
         names += [f"tv:{a}" for a in _tv_archs()]
@@ -388,6 +439,7 @@ def listing(show_all: bool = False) -> tuple[list[dict], int]:
 
 
 def get_spec(name: str) -> BackboneSpec:
+    _load_entry_points()
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name.startswith("tv:"):
@@ -416,7 +468,8 @@ def load_backbone(
     spec = get_spec(name)
     module, pre, digest, path = spec.build(str(weights) if weights is not None else None)
     module.eval()
-    module.requires_grad_(False)
+    for p in module.parameters():  # (nn.Module.requires_grad_ is not available on TorchScript modules)
+        p.requires_grad_(False)
     layer = layer or PENULTIMATE
     if pooling is not None and pooling not in POOLINGS:
         raise ProbeError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")

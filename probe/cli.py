@@ -220,7 +220,7 @@ def fit(data, clf, params, output, val, val_split, C, alpha, standardize, l2_nor
         l2_normalize=l2_normalize, extract_missing=not no_extract, strict=strict, seed=seed, output=output,
     )
     click.echo(f"features: {res.metrics['inputs_cached']} cached, {res.metrics['inputs_extracted']} extracted "
-               f"({res.model.backbone['name']}, space {res.model.backbone['space_digest'][:16]})")
+               f"({res.model.backbone_['name']}, space {res.model.backbone_['space_digest'][:16]})")
     for leak in res.leakage:
         click.echo(f"leakage: {leak.other_path} has the same bytes as training input {leak.train_path}")
     click.echo(res.report)

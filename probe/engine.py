@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, load_backbone
-from .cache import FeatureCache, FeatureStore, SpaceNotFoundError
+from .cache import SPACE_FILE, FeatureCache, FeatureStore, SpaceNotFoundError
 from .defaults import DEFAULT_BACKBONE
 from .errors import ImageDecodeError, ProbeError, StrictModeError
 from .featureset import ExtractStats, Failure, FeatureSet
@@ -202,10 +202,17 @@ class Extractor:
     def _open_store(self) -> FeatureStore | None:
         if self.cache is None:
             return None
+        self.read_only = None  # the reason rows cannot be written, when the cache folder is read-only
         if self.write:
-            store = self.cache.open(self.space)
-            self.cache.check_writable(self.space)
-            return store
+            try:
+                store = self.cache.open(self.space)
+                self.cache.check_writable(self.space)
+                return store
+            except ProbeError as e:
+                if not (self.cache.spaces_dir / self.space.id / SPACE_FILE).is_file():
+                    raise  # nothing to read either: creating the space failed
+                # A shared, read-only cache: reading works; only a run that must store new rows fails (below).
+                self.read_only = str(e)
         try:
             return self.cache.open(self.space, create=False)
         except SpaceNotFoundError:
@@ -237,6 +244,9 @@ class Extractor:
             todo = unique
         stats.cached = stats.unique - len(todo)
         memory: dict[str, np.ndarray] = {}  # features computed but not written (write=False)
+        if todo and self.write and self.read_only:
+            raise ProbeError(f"{len(todo)} of {stats.unique} inputs are not cached and cannot be stored: "
+                             f"{self.read_only}")
         if todo and not extract_missing:
             raise ProbeError(
                 f"{len(todo)} of {stats.unique} inputs are not in the cache ({self.space.backbone}, space "

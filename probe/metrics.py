@@ -142,7 +142,7 @@ _HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy", "log_
 def format_report(metrics: dict, sweep=None) -> str:
     """A plain-text report: headline metrics, per-class precision/recall/F1, and the sweep curve if given.
 
-    ``sweep`` is a :class:`probe.heads.SweepResult` or its ``to_dict()``.
+    ``sweep`` is a :class:`probe.sweep.SweepResult` or its ``to_dict()``.
     """
     lines = [f"n={metrics.get('n')}  classes={metrics.get('n_classes')}", ""]
     headline = [k for k in _HEADLINE if k in metrics]

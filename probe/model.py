@@ -29,10 +29,11 @@ import sklearn
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .defaults import DEFAULT_CACHE
+from .defaults import DEFAULT_BACKBONE, DEFAULT_CACHE
 from .errors import ModelCompatibilityError, ProbeError, UntrustedModelError
 from .files import atomic_path
 from .heads import SKOPS_TRUSTED_TYPES
+from .jsonable import json_default
 from .manifest import MANIFEST, ModelFormatError, check_manifest, read_member
 from .options import ExtractOptions
 
@@ -71,48 +72,101 @@ def _versions() -> dict:
 
 
 class ProbeModel(ClassifierMixin, BaseEstimator):
-    """A fitted probe: predicts on raw inputs (paths, PIL images) like a scikit-learn classifier.
+    """A probe on raw inputs (paths, PIL images): a frozen backbone's features and a scikit-learn head.
 
-    Equivalent to ``Pipeline([("features", FeatureExtractor(...)), ("head", head)])``; ``head`` is the fitted
-    scikit-learn pipeline and can be used on cached features directly (``predict_proba_features``).
+    A scikit-learn estimator: ``ProbeModel(backbone="efficientnet-lite0", head="logreg", cache="cache")
+    .fit(paths, y)`` extracts features through the cache (only misses reach the model) and fits the head with the
+    regularization sweep (:func:`probe.training.fit`); ``clone`` gives an unfitted copy; ``predict``,
+    ``predict_proba``, ``score`` and ``classes_`` work once fitted, and :func:`load` returns a fitted one.
+
+    Parameters are the backbone (and its ``weights`` / ``layer`` / ``pooling`` / ``dtype``), the head (a name from
+    :mod:`probe.heads` or an import path, with ``params``, ``standardize``, ``l2_normalize``), the sweep's
+    ``val_split`` / ``value`` / ``seed``, the feature ``cache`` and ``options``: further
+    :class:`~probe.options.ExtractOptions` fields (device, batch_size, ...) as a dict.
+
+    Learned state: ``backbone_`` (the feature space record, as saved), ``head_`` (the fitted scikit-learn
+    pipeline, usable on cached features via :meth:`predict_proba_features`), ``meta_`` (lineage, metrics, head
+    description) and ``train_keys_`` (the training inputs' cache keys).
     """
 
-    def __init__(self, backbone: dict | None = None, head=None, meta: dict | None = None, train_keys=None):
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, head: str = "logreg", *, cache=DEFAULT_CACHE,
+                 weights=None, layer=None, pooling=None, dtype: str = "float32", params: dict | None = None,
+                 standardize: bool = False, l2_normalize: bool = False, val_split: float = 0.1, value=None,
+                 seed: int = 0, options: dict | None = None):
         self.backbone = backbone
         self.head = head
-        self.meta = meta
-        self.train_keys = train_keys
+        self.cache = cache
+        self.weights = weights
+        self.layer = layer
+        self.pooling = pooling
+        self.dtype = dtype
+        self.params = params
+        self.standardize = standardize
+        self.l2_normalize = l2_normalize
+        self.val_split = val_split
+        self.value = value
+        self.seed = seed
+        self.options = options
+
+    @classmethod
+    def fitted(cls, backbone: dict, head, meta: dict | None = None, train_keys=None, **params) -> "ProbeModel":
+        """A fitted model from its learned state (what :func:`load` and :func:`probe.training.fit` build)."""
+        model = cls(backbone=backbone["name"], head=(meta or {}).get("head", {}).get("name", "logreg"),
+                    weights=backbone.get("weights_path"), layer=backbone.get("layer"), pooling=backbone.get("pooling"),
+                    dtype=backbone.get("dtype", "float32"), **params)
+        model.backbone_, model.head_, model.meta_, model.train_keys_ = backbone, head, dict(meta or {}), train_keys
+        return model
 
     # -- sklearn surface ---------------------------------------------------------------------------------
 
     @property
     def classes_(self) -> np.ndarray:
-        check_is_fitted(self.head)
-        return self.head.classes_
+        check_is_fitted(self)
+        return self.head_.classes_
 
     def __sklearn_is_fitted__(self) -> bool:
-        return self.head is not None
+        return getattr(self, "head_", None) is not None
 
-    def fit(self, X, y):
-        raise ProbeError("ProbeModel is built by probe.fit(...) on cached features; refit with `probe fit`")
+    def fit(self, X, y, **fit_options) -> "ProbeModel":
+        """Extract features of the inputs ``X`` (paths or PIL images; cached rows are reused) and fit the head on
+        labels ``y`` with the sweep. ``fit_options`` go to :func:`probe.training.fit` (``val``, ``strict``,
+        ``extract_missing``, ``output``). Returns self."""
+        from .sources import Record
+        from .training import fit as fit_probe
 
-    def options(self, cache=DEFAULT_CACHE, write: bool = False, **options) -> ExtractOptions:
+        X, y = list(X), list(y)
+        if len(X) != len(y):
+            raise ProbeError(f"X has {len(X)} inputs but y has {len(y)} labels")
+        records = [Record(x if hasattr(x, "mode") and hasattr(x, "size") else str(x), label) for x, label in zip(X, y)]
+        opts = dict(self.options or {})
+        res = fit_probe(records, self.head, backbone=self.backbone, cache=self.cache, weights=self.weights,
+                        layer=self.layer, pooling=self.pooling, dtype=self.dtype, params=self.params,
+                        standardize=self.standardize, l2_normalize=self.l2_normalize, val_split=self.val_split,
+                        value=self.value, seed=self.seed, **opts, **fit_options)
+        m = res.model
+        self.backbone_, self.head_, self.meta_, self.train_keys_ = m.backbone_, m.head_, m.meta_, m.train_keys_
+        self.fit_result_ = res
+        self.__dict__.pop("_extractor", None)
+        return self
+
+    def extract_options(self, cache=DEFAULT_CACHE, write: bool = False, **options) -> ExtractOptions:
         """The extraction options that reproduce this model's feature space (plus speed / storage ``options``)."""
+        check_is_fitted(self)
         # The recorded weights file is where it was on the training machine; elsewhere the registry's own
         # lookup finds the weights, and check_backbone refuses them unless their sha256 matches.
-        weights = self.backbone.get("weights_path")
+        rec = self.backbone_
+        weights = rec.get("weights_path")
         if weights and not os.path.isfile(weights):
             weights = None
-        rec = self.backbone
         return ExtractOptions.from_kwargs(
             backbone=rec["name"], weights=weights, layer=rec["layer"], pooling=rec["pooling"], dtype=rec["dtype"],
-            cache=cache, write=write, **options)
+            cache=cache, write=write, **{**(self.options or {}), **options})
 
     def extractor(self, cache=DEFAULT_CACHE, write: bool = False, **options):
         """An :class:`~probe.engine.Extractor` for this model's feature space (built once, then reused)."""
         from .engine import Extractor
 
-        opts = self.options(cache, write, **options)
+        opts = self.extract_options(cache, write, **options)
         cached = getattr(self, "_extractor", None)
         if cached is None or cached[0] != opts:
             ex = Extractor(opts)
@@ -123,7 +177,7 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
     def check_backbone(self, backbone, space=None) -> None:
         """Refuse a backbone whose weights, preprocess, output or feature space differ from the ones the head was
         trained on (ModelCompatibilityError naming the field)."""
-        rec = self.backbone
+        rec = self.backbone_
         if space is not None:
             if space.precision != rec.get("precision", space.precision):
                 raise ModelCompatibilityError(
@@ -145,8 +199,9 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
         if backbone.dim != rec["dim"]:
             raise ModelCompatibilityError(f"{rec['name']}: backbone gives {backbone.dim}-d features, head expects {rec['dim']}")
 
-    def features(self, X, cache=DEFAULT_CACHE, write: bool = False, strict: bool = True, **options):
+    def features(self, X, cache=None, write: bool = False, strict: bool = True, **options):
         """FeatureSet of raw inputs (reusing cached rows); ``strict`` raises if any input fails to decode."""
+        cache = self.cache if cache is None else cache
         return self.extractor(cache, write, **options).extract(list(X), strict=strict)
 
     def predict_proba(self, X) -> np.ndarray:
@@ -156,9 +211,10 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
     def predict_proba_features(self, F: np.ndarray) -> np.ndarray:
-        if not hasattr(self.head, "predict_proba"):
-            raise ProbeError(f"head {type(self.head).__name__} has no predict_proba")
-        return self.head.predict_proba(np.asarray(F, dtype=np.float32))
+        check_is_fitted(self)
+        if not hasattr(self.head_, "predict_proba"):
+            raise ProbeError(f"head {type(self.head_).__name__} has no predict_proba")
+        return self.head_.predict_proba(np.asarray(F, dtype=np.float32))
 
     # -- persistence -------------------------------------------------------------------------------------
 
@@ -167,36 +223,28 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
         import skops.io as sio
 
         path = Path(path)
-        manifest = dict(self.meta or {})
-        manifest.update({"format": FORMAT, "format_version": FORMAT_VERSION, "backbone": self.backbone,
+        check_is_fitted(self)
+        manifest = dict(self.meta_ or {})
+        manifest.update({"format": FORMAT, "format_version": FORMAT_VERSION, "backbone": self.backbone_,
                          "classes": [str(c) for c in self.classes_]})
         manifest.setdefault("versions", _versions())
         manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         try:
-            head_bytes, head_name = sio.dumps(self.head), "head.skops"
+            head_bytes, head_name = sio.dumps(self.head_), "head.skops"
         except Exception as e:  # skops cannot represent some third-party objects
             import joblib
 
             log.warning("head cannot be stored with skops (%s); storing with joblib, loading will need --trust", e)
             buf = io.BytesIO()
-            joblib.dump(self.head, buf)
+            joblib.dump(self.head_, buf)
             head_bytes, head_name = buf.getvalue(), "head.joblib"
         manifest["head_file"] = head_name
         with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
             z.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=json_default))
             z.writestr(head_name, head_bytes)
-            if self.train_keys is not None:
-                z.writestr(TRAIN_KEYS, "\n".join(self.train_keys))
+            if self.train_keys_ is not None:
+                z.writestr(TRAIN_KEYS, "\n".join(self.train_keys_))
         return path
-
-
-def json_default(o):
-    """``json.dumps(default=...)`` for numpy scalars and arrays (anything else becomes its str)."""
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -276,7 +324,7 @@ def load(path: str | os.PathLike, *, trust: bool = False, check_versions: bool =
     if list(map(str, getattr(head, "classes_", []))) != manifest["classes"]:
         raise ModelFormatError(f"{path}: the head's classes differ from the manifest's 'classes'")
     meta = {k: v for k, v in manifest.items() if k not in ("backbone",)}
-    return ProbeModel(backbone=backbone, head=head, meta=meta, train_keys=train_keys)
+    return ProbeModel.fitted(backbone, head, meta, train_keys)
 
 
 def _train_keys(data: bytes, path: Path) -> list[str]:

@@ -86,16 +86,19 @@ def from_table(table: str | os.PathLike) -> list[Record]:
     return out
 
 
-def resolve(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Record]:
+def resolve(inputs: str | os.PathLike | Record | Iterable[str | os.PathLike | Record]) -> list[Record]:
     """Turn a folder, a CSV/TSV, a file, or a list of any of them into records (in a stable order).
 
     A missing input is an :class:`InputError` naming it; files named in a table that do not exist are kept as
     records (extraction reports them as failures, so nothing else in the run is lost).
     """
-    if isinstance(inputs, (str, os.PathLike)):
+    if isinstance(inputs, (str, os.PathLike, Record)):
         inputs = [inputs]
     out: list[Record] = []
     for item in inputs:
+        if isinstance(item, Record):  # already resolved (e.g. paths with labels from Python)
+            out.append(item)
+            continue
         p = Path(item)
         kind = _kind(p)
         if kind not in (None, "file", "directory"):  # a FIFO or device: reported (and skipped) when hashed

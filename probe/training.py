@@ -20,10 +20,12 @@ from .errors import ProbeError, StrictModeError
 from .files import atomic_write_text
 from .engine import Extractor, make_options
 from .featureset import ExtractStats, FeatureSet
-from .heads import blas_threads, fit_head, head_description, head_spec
+from .heads import blas_threads, head_description, head_spec
+from .sweep import fit_head
 from .metrics import classification_metrics, format_report, plot_confusion_matrix
-from .model import ProbeModel, json_default, keys_digest
-from .sources import resolve
+from .jsonable import json_default
+from .model import ProbeModel, keys_digest
+from .sources import Record, resolve
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +59,16 @@ class EvalResult:
     files: dict = field(default_factory=dict)
 
 
-def find_leakage(train: FeatureSet, other: FeatureSet, train_idx=None, other_idx=None) -> list[Leak]:
-    """Inputs whose bytes (cache key) appear on both sides."""
-    train_idx = range(len(train)) if train_idx is None else train_idx
-    other_idx = range(len(other)) if other_idx is None else other_idx
-    first = {}
-    for i in train_idx:
-        first.setdefault(train.keys[i], train.paths[i])
-    return [Leak(other.keys[j], first[other.keys[j]], other.paths[j]) for j in other_idx if other.keys[j] in first]
+def find_leakage(train: FeatureSet | dict[str, str], other: FeatureSet) -> list[Leak]:
+    """Inputs of ``other`` whose bytes (cache key) are also on the training side: a FeatureSet, or a mapping of
+    training keys to the path to report for each."""
+    if isinstance(train, FeatureSet):
+        first: dict[str, str] = {}
+        for k, p in zip(train.keys, train.paths):
+            first.setdefault(k, p)
+    else:
+        first = train
+    return [Leak(k, first[k], p) for k, p in zip(other.keys, other.paths) if k in first]
 
 
 def split_by_key(keys: list[str], labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,6 +166,10 @@ def fit(
             with blas_threads():
                 held = clone(head).fit(X_tr, y_tr)
             proba, classes = held.predict_proba(X_va), held.classes_
+        unseen = sorted(set(np.asarray(y_va).tolist()) - set(np.asarray(classes).tolist()), key=str)
+        if unseen:  # validation-only classes: the train-only head gives them probability 0
+            proba = np.hstack([proba, np.zeros((len(proba), len(unseen)))])
+            classes = np.asarray(list(classes) + unseen, dtype=object)
         metrics = classification_metrics(y_va, proba, classes)
         metrics["evaluated_on"] = "validation (head fit on train only, before the train+val refit)"
     else:
@@ -184,13 +192,13 @@ def fit(
         "leakage": len(leakage),
         "sweep": _sweep_dict(hf.sweep),
     })
-    model = ProbeModel(
-        backbone=backbone_record(ex.space, ex.backbone.weights_path),
-        head=head,
+    model = ProbeModel.fitted(
+        backbone_record(ex.space, ex.backbone.weights_path),
+        head,
         meta={
             "head": {"name": clf, **head_description(head), "chosen": hf.chosen},
             "training": {
-                "source": [str(d) for d in (data if isinstance(data, (list, tuple)) else [data])],
+                "source": _sources(data),
                 "val_source": None if val is None else str(val),
                 "val_split": val_split if val is None else None,
                 "seed": seed,
@@ -202,6 +210,8 @@ def fit(
             "metrics": _headline(metrics),
         },
         train_keys=sorted(set(all_keys)),
+        cache=ex.options.cache, params=params, standardize=standardize, l2_normalize=l2_normalize,
+        val_split=val_split, value=value, seed=seed,
     )
     report = format_report(metrics, hf.sweep)
     result = FitResult(model, metrics, hf.sweep, leakage, train.stats, val_fs.stats if val_fs else None, report)
@@ -230,10 +240,7 @@ def evaluate_features(model: ProbeModel, fs: FeatureSet, *, strict: bool = False
                       output_dir: str | os.PathLike | None = None) -> EvalResult:
     metrics = classification_metrics(fs.y, model.predict_proba_features(fs.features), model.classes_)
     metrics["evaluated_on"] = "evaluation data"
-    leakage = []
-    if model.train_keys:
-        train = set(model.train_keys)
-        leakage = [Leak(k, "(training set)", p) for k, p in zip(fs.keys, fs.paths) if k in train]
+    leakage = find_leakage(dict.fromkeys(model.train_keys_ or (), "(training set)"), fs)
     metrics["leakage"] = len(leakage)
     for leak in leakage:
         log.warning("leakage: %s has the same bytes as a training input", leak.other_path)
@@ -252,6 +259,14 @@ def write_report_files(folder: Path, metrics: dict, classes) -> dict:
     cpath = plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), [str(c) for c in classes],
                                   folder / "confusion_matrix.png")
     return {"metrics": mpath, "confusion_matrix": Path(cpath) if cpath else folder / "confusion_matrix.png"}
+
+
+def _sources(data) -> list[str]:
+    """How the training data was given, for the lineage: paths as given; records as the count of inputs."""
+    items = data if isinstance(data, (list, tuple)) else [data]
+    if items and all(isinstance(d, Record) for d in items):
+        return [f"{len(items)} inputs given as a list"]
+    return [str(d) for d in items]
 
 
 def _sweep_dict(sweep) -> dict | None:

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import REPO_ROOT, TINY
 from probe.backbones import (
     DEFAULT_BACKBONE,
     TinyCNN,
@@ -183,3 +183,97 @@ def test_default_backbone_loads_offline_when_installed():
     assert bb.name == DEFAULT_BACKBONE and bb.dim == 1280 == spec.dim()
     assert bb.weights_sha256 == sha256_of(bb.weights_path)
     assert bb.preprocess.crop == 224
+
+
+# -- user-registered backbones (docs/backbones.md) ------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_registry():
+    from probe import backbones
+
+    before = dict(backbones._REGISTRY)
+    yield
+    backbones._REGISTRY.clear()
+    backbones._REGISTRY.update(before)
+
+
+def _doc_blocks(name: str, lang: str = "python") -> list[str]:
+    import re
+
+    return re.findall(rf"```{lang}\n(.*?)```", (REPO_ROOT / "docs" / name).read_text(), flags=re.S)
+
+
+def test_documented_user_backbone_extracts_fits_and_predicts(tmp_path, monkeypatch, clean_registry):
+    import numpy as np
+
+    from conftest import make_image, make_image_folder
+
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "data" / "train", per_class=6)
+    make_image(tmp_path / "a.jpg", seed=5, color=(220, 40, 40))
+    register_block, use_block = _doc_blocks("backbones.md")[:2]
+    namespace: dict = {}
+    exec(compile(register_block, "docs/backbones.md", "exec"), namespace)
+    exec(compile(use_block, "docs/backbones.md", "exec"), namespace)
+    fs, res = namespace["fs"], namespace["res"]
+    assert fs.space.backbone == "my:embedder" and fs.features.shape == (18, 8)
+    assert fs.space.weights_sha256 == sha256_of(tmp_path / "embedder.pt")
+    assert np.isfinite(fs.features).all() and fs.features.std() > 0
+    assert res.metrics["inputs_cached"] == 18  # the extract above filled the cache
+    model = namespace["probe"].load("model.probe")
+    assert model.backbone_["name"] == "my:embedder"
+    assert list(model.predict([str(tmp_path / "a.jpg")])) == ["cat"]
+    assert "my:embedder" in backbone_names(include_tv=False)
+
+
+def test_entry_point_plugin_reaches_the_command_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import make_image_folder, subprocess_env
+
+    site = tmp_path / "site"
+    (site / "probe_plugin_demo-0.1.dist-info").mkdir(parents=True)
+    (site / "probe_plugin_demo-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: probe-plugin-demo\nVersion: 0.1\n")
+    (site / "probe_plugin_demo-0.1.dist-info" / "entry_points.txt").write_text(
+        '[probe.backbones]\n"demo:tiny" = probe_plugin_demo\n')
+    (site / "probe_plugin_demo.py").write_text(
+        "from probe.backbones import TinyCNN, register, state_sha256\n"
+        "from probe.preprocess import Preprocess\n\n"
+        "@register('demo:tiny', description='plugin demo', dim=32)\n"
+        "def build(weights):\n"
+        "    net = TinyCNN(seed=7)\n"
+        "    return net, Preprocess(resize=32, crop=32), state_sha256(net), None\n")
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "probe.cli", *map(str, a)], capture_output=True,  # noqa
+                                    text=True, env=env, cwd=REPO_ROOT, timeout=120)
+    listed = run("backbones", "--json")
+    assert listed.returncode == 0, listed.stderr
+    row = next(r for r in json.loads(listed.stdout) if r["name"] == "demo:tiny")
+    assert row["dim"] == 32 and row["description"] == "plugin demo"
+    folder = make_image_folder(tmp_path / "imgs", per_class=2)
+    out = run("extract", folder, "-b", "demo:tiny", "--cache", tmp_path / "cache", "--device", "cpu",
+              "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "(demo:tiny, 32-d)" in out.stdout and "6 new" in out.stdout
+
+
+def test_register_refuses_bad_names_and_silent_replacement(clean_registry):
+    from probe.backbones import TinyCNN, register, state_sha256
+
+    def build(weights):
+        net = TinyCNN(seed=3)
+        return net, Preprocess(resize=32, crop=32), state_sha256(net), None
+
+    for bad in ("tv:resnet18", "", "a b", "../x"):
+        with pytest.raises(ProbeError, match="backbone name"):
+            register(bad)(build)
+    with pytest.raises(ProbeError, match="already registered"):
+        register(TINY)(build)
+    register("mine:tiny", dim=32)(build)
+    bb = load_backbone("mine:tiny")
+    assert bb.dim == 32 and bb.weights_sha256 != load_backbone(TINY).weights_sha256

@@ -133,3 +133,13 @@ def test_script_runs_alone_and_falls_back_to_generated_images(tmp_path):
     assert (COLUMNS["incremental"] | MACHINE) <= set(rows[0])
     ratio = next(r for r in rows if r["phase"].startswith("ratio"))
     assert 0 < float(ratio["ratio"])
+
+
+def test_project_readme_results_match_the_result_files():
+    """README.md's results table is generated from benchmarks/results/ (report.update_project_readme)."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import report
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert report.results_block() in readme
+    assert "| 1 throughput |" in report.results_block()

@@ -119,17 +119,22 @@ def test_backbones_lists_the_test_backbone():
     assert any(line.startswith("tv:resnet18") and "512-d" in line for line in out.splitlines())
 
 
-def test_keyboard_interrupt_is_a_clean_exit(image_folder, cache_dir, monkeypatch):
-    from probe import engine
-
-    def interrupted(self, *args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine.Extractor, "extract", interrupted)
-    result = invoke("extract", image_folder, "-b", TINY, "--cache", cache_dir, expect=130)
-    assert "interrupted" in result.output and "Traceback" not in result.output
-
-
 @pytest.mark.parametrize("args", [("cache", "info"), ("cache", "verify"), ("cache", "compact")])
 def test_cache_commands_on_an_empty_cache(args, tmp_path):
     invoke(*args, "--cache", tmp_path / "none")
+
+
+def test_listings_have_json(image_folder, cache_dir):
+    rows = json.loads(invoke("backbones", "--json").output)
+    tiny = next(r for r in rows if r["name"] == TINY)
+    assert tiny["dim"] == 32 and tiny["test_only"] is True
+    assert any(r["name"] == "tv:resnet18" and r["dim"] == 512 for r in rows)
+    invoke("extract", image_folder, "-b", TINY, "--cache", cache_dir, "--batch-size", 8, *CPU_ARGS)
+    (info,) = json.loads(invoke("cache", "info", "--cache", cache_dir, "--json").output)
+    assert info["rows"] == 24 and info["space"]["backbone"] == TINY and info["segments"] == 1
+    assert info["digest"].startswith(info["id"]) and info["bytes"] > 0
+    listed = json.loads(invoke("cache", "ls", info["id"], "--cache", cache_dir, "--json", "--limit", 5).output)
+    assert listed["space"] == info["space"] and listed["rows"] == 24 and len(listed["keys"]) == 5
+    plain = invoke("cache", "ls", info["id"], "--cache", cache_dir, "--limit", 3).output.splitlines()
+    assert plain[-3:] == listed["keys"][:3]  # plain output: description first, then one key per line
+    assert json.loads(invoke("cache", "info", "--cache", cache_dir / "none", "--json").output) == []

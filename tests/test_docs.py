@@ -42,14 +42,14 @@ def test_readme_command_lines_parse(argv, tmp_path, monkeypatch):
             (tmp_path / a).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / a).touch()
     ctx = cli.make_context("probe", list(argv), resilient_parsing=False)
-    with ctx:
-        group_ctx = ctx
-        args = list(argv)
+    with ctx:  # make_context raises on an unknown option or a bad value: that is the check
+        group_ctx, args, path = ctx, list(ctx.protected_args) + list(ctx.args), []
         while isinstance(group_ctx.command, click.Group):
             name, cmd, rest = group_ctx.command.resolve_command(group_ctx, args)
-            sub = cmd.make_context(name, rest, parent=group_ctx)
-            group_ctx, args = sub, rest
-        assert group_ctx.command.name == name
+            group_ctx = cmd.make_context(name, rest, parent=group_ctx)
+            args = list(getattr(group_ctx, "protected_args", [])) + list(group_ctx.args)
+            path.append(name)
+        assert path == argv[:len(path)] and not isinstance(group_ctx.command, click.Group)
 
 
 def test_readme_lists_real_commands():

@@ -13,9 +13,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from probe.errors import ProbeError
-from probe.heads import (
-    C_GRID, HEADS, SKOPS_TRUSTED_TYPES, HeadError, fit_head, head_description, make_head, sweep, train_val_split,
-)
+import skops.io as skops_io
+
+from probe.heads import C_GRID, HEADS, SKOPS_TRUSTED_TYPES, HeadError, head_description, make_head
+from probe.sweep import fit_head, sweep, train_val_split
 
 LABELS = np.array(["ant", "bee", "cat", "dog"])
 
@@ -237,14 +238,13 @@ def test_split_falls_back_when_a_class_is_too_rare(data, caplog):
     X, y, _, _ = data
     y = y.copy()
     y[0] = "eel"  # a single sample: cannot be stratified
-    with caplog.at_level(logging.WARNING, logger="probe.heads"):
+    with caplog.at_level(logging.WARNING, logger="probe.sweep"):
         fit = fit_head("logreg", X, y)
     assert "random split" in caplog.text and "eel" in caplog.text
     assert "eel" in fit.estimator.classes_  # the refit on everything still learns it
 
 
 def test_fitted_heads_persist_with_skops_given_the_trusted_types(data):
-    skops_io = pytest.importorskip("skops.io")
     X, y, X_test, _ = data
     for name in sorted(HEADS):
         est = fit_head(name, X, y, l2_normalize=True).estimator
@@ -255,7 +255,7 @@ def test_fitted_heads_persist_with_skops_given_the_trusted_types(data):
 
 
 def test_heads_and_metrics_do_not_import_torch():
-    code = ("import sys, probe.heads, probe.metrics; "
+    code = ("import sys, probe.heads, probe.sweep, probe.metrics; "
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

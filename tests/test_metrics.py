@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from probe.heads import SweepResult
+from probe.sweep import SweepResult
 from probe.metrics import (
     classification_metrics, expected_calibration_error, format_report, plot_confusion_matrix, top_k_accuracy,
 )
@@ -91,7 +91,7 @@ def test_format_report_contains_the_numbers():
 
 
 def test_plot_writes_a_png(tmp_path):
-    image = pytest.importorskip("PIL.Image")
+    from PIL import Image as image
     m = classification_metrics(Y, PROBA, CLASSES)
     path = tmp_path / "plots" / "cm.png"
     assert plot_confusion_matrix(m["confusion_matrix"], m["classes"], path) == path

@@ -55,7 +55,7 @@ def test_save_load_predict_gives_identical_probabilities(fitted):
     np.testing.assert_array_equal(before, after)
     assert list(loaded.classes_) == list(res.model.classes_)
     assert loaded.score(paths, [p.split("/")[-2] for p in paths]) >= 0.9
-    assert loaded.meta["training"]["keys_digest"] == res.model.meta["training"]["keys_digest"]
+    assert loaded.meta_["training"]["keys_digest"] == res.model.meta_["training"]["keys_digest"]
 
 
 def test_predicts_on_pil_images_like_on_files(fitted):
@@ -103,7 +103,7 @@ def test_model_moves_to_a_machine_where_the_weights_live_elsewhere(fitted, tmp_p
 
 
 def test_unknown_backbone_and_other_sklearn_are_refused(fitted, tmp_path):
-    res, _, _ = fitted
+    res, test, _ = fitted
 
     def rename(m):
         m["backbone"]["name"] = "tv:resnet19"
@@ -117,7 +117,10 @@ def test_unknown_backbone_and_other_sklearn_are_refused(fitted, tmp_path):
     path = _rewrite(res.path, tmp_path / "b.probe", old_sklearn)
     with pytest.raises(ModelCompatibilityError, match="scikit-learn 0.24.2"):
         load(path)
-    assert load(path, check_versions=False).classes_ is not None
+    overridden = load(path, check_versions=False)
+    assert list(overridden.classes_) == list(res.model.classes_)
+    paths = _paths(test)
+    np.testing.assert_array_equal(overridden.predict_proba(paths), res.model.predict_proba(paths))
 
 
 class _Boom:
@@ -159,3 +162,58 @@ def test_not_a_model_file(tmp_path):
         load(p)
     with pytest.raises(ProbeError, match="no such model file"):
         load(tmp_path / "missing.probe")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("precision", "bfloat16", "precision=bfloat16"),
+    ("space_digest", "ab" * 32, "feature space abababababababab"),
+])
+def test_recorded_precision_and_feature_space_are_checked(fitted, tmp_path, field, value, message):
+    res, test, _ = fitted
+
+    def edit(m):
+        m["backbone"][field] = value
+
+    model = load(_rewrite(res.path, tmp_path / "edited.probe", edit))
+    with pytest.raises(ModelCompatibilityError, match=message):
+        model.predict_proba(_paths(test)[:2])
+
+
+def test_probe_model_is_a_real_estimator_on_raw_inputs(tmp_path):
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError
+    from sklearn.model_selection import cross_val_score
+    from sklearn.utils.validation import check_is_fitted
+
+    from probe import engine
+    from probe.model import ProbeModel
+
+    train = make_image_folder(tmp_path / "train", per_class=8)
+    paths = _paths(train)
+    y = [p.split("/")[-2] for p in paths]
+    est = ProbeModel(backbone=TINY, head="logreg", cache=tmp_path / "cache", value=1.0,
+                     options={"batch_size": 8, "device": "cpu"})
+    with pytest.raises(NotFittedError):
+        check_is_fitted(est)
+    with pytest.raises(NotFittedError):
+        est.predict(paths[:1])
+    assert est.fit(paths, y) is est
+    check_is_fitted(est)
+    assert list(est.classes_) == ["cat", "dog", "fish"] and est.score(paths, y) >= 0.9
+    assert est.backbone == TINY and est.backbone_["name"] == TINY and len(est.train_keys_) == 24
+
+    unfitted = clone(est)
+    assert unfitted.get_params() == est.get_params()
+    with pytest.raises(NotFittedError):
+        check_is_fitted(unfitted)
+    loaded_clone = clone(load(est.save(tmp_path / "m.probe")))
+    with pytest.raises(NotFittedError):
+        check_is_fitted(loaded_clone)
+
+    batches = []
+    run_model = engine.Extractor._run_model
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine.Extractor, "_run_model",
+                   lambda self, todo, *a, **k: batches.append(len(todo)) or run_model(self, todo, *a, **k))
+        scores = cross_val_score(unfitted, paths, y, cv=3)  # through the cache: nothing new to extract
+    assert batches == [] and scores.mean() >= 0.8

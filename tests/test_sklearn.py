@@ -48,15 +48,23 @@ def test_pipeline_fits_and_predicts(data):
     assert (pipe.predict(paths[1::2]) == np.array(y[1::2])).mean() >= 0.9
 
 
-def test_grid_search_over_head_params_extracts_once(data, tmp_path):
+def test_grid_search_over_head_params_extracts_once(data, tmp_path, monkeypatch):
+    from probe import engine
+
     paths, y = data
-    fe = FeatureExtractor(TINY, cache=tmp_path / "c")
-    fe.transform(paths)  # fill the cache
+    computed = []  # rows the model computed, over every clone the search makes
+    run_model = engine.Extractor._run_model
+
+    def counting(self, todo, *args, **kwargs):
+        computed.extend(todo)
+        return run_model(self, todo, *args, **kwargs)
+
+    monkeypatch.setattr(engine.Extractor, "_run_model", counting)
+    fe = FeatureExtractor(TINY, cache=tmp_path / "c", batch_size=4)  # the cache starts empty
     pipe = Pipeline([("features", fe), ("head", LogisticRegression(max_iter=500))])
-    gs = GridSearchCV(pipe, {"head__C": [0.01, 1.0]}, cv=2).fit(paths, y)
-    assert gs.best_params_["head__C"] in (0.01, 1.0)
-    ex = gs.best_estimator_.named_steps["features"].extractor()
-    assert ex.extract(paths).stats.model_batches == 0
+    gs = GridSearchCV(pipe, {"head__C": [0.01, 0.1, 1.0]}, cv=3).fit(paths, y)  # 9 fits + the refit
+    assert gs.best_params_["head__C"] in (0.01, 0.1, 1.0)
+    assert len(computed) == len(paths)  # each image through the backbone exactly once
 
 
 def test_undecodable_input_raises(tmp_path, data):
@@ -64,3 +72,20 @@ def test_undecodable_input_raises(tmp_path, data):
     bad.write_bytes(b"not an image")
     with pytest.raises(StrictModeError, match="bad.png"):
         FeatureExtractor(TINY).transform([data[0][0], str(bad)])
+
+
+def test_parameters_are_exactly_the_extraction_options():
+    from probe.options import ExtractOptions
+
+    fe = FeatureExtractor(TINY, batch_size=3, cache="somewhere")
+    assert set(fe.get_params()) == set(ExtractOptions.names())
+    opts = fe.options()
+    assert (opts.backbone, opts.batch_size, opts.cache) == (TINY, 3, "somewhere")
+
+
+def test_bad_parameters_fail_before_anything_is_loaded(tmp_path):
+    from probe.errors import ProbeError
+
+    with pytest.raises(ProbeError, match="batch_size=0"):
+        FeatureExtractor(TINY, batch_size=0, cache=tmp_path / "c").transform(["x.png"])
+    assert not (tmp_path / "c").exists()

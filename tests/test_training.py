@@ -56,9 +56,20 @@ def test_refit_uses_train_plus_val_and_records_lineage(train_folder, cache_dir):
     assert m["refit_on_train_val"] is True
     assert m["n_train"] + m["n_val"] == 36 and m["n_val"] == 9
     assert m["sweep"] is not None and len(m["sweep"]["evaluated"]) >= 7
-    # The final head saw every input: its n_features_in_ matches and it was fit on train+val.
-    assert res.model.meta["training"]["n_inputs"] == 36
-    assert len(res.model.train_keys) == 36
+    assert res.model.meta_["training"]["n_inputs"] == 36
+    assert len(res.model.train_keys_) == 36
+
+
+def test_final_head_is_fit_on_train_plus_val(train_folder, cache_dir, tmp_path):
+    """A class that only the validation data has is learned by the final head: the refit saw validation rows."""
+    val = make_image_folder(tmp_path / "val", per_class=4, seed=900,
+                            classes={"cat": (220, 40, 40), "eel": (230, 230, 40)})
+    res = probe.fit(train_folder, backbone=TINY, cache=cache_dir, val=val, batch_size=8)
+    assert "eel" in list(res.model.classes_) and res.metrics["refit_on_train_val"] is True
+    eels = sorted(str(p) for p in (val / "eel").glob("*.png"))
+    assert list(res.model.predict(eels)).count("eel") >= 3
+    fixed = probe.fit(train_folder, backbone=TINY, cache=cache_dir, val=val, value=1.0, batch_size=8)
+    assert "eel" in list(fixed.model.classes_)  # with a fixed C too
 
 
 def test_fixed_C_skips_the_sweep(train_folder, cache_dir):
