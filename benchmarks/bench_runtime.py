@@ -1,4 +1,4 @@
-"""Benchmark 8: inference runtimes — eager PyTorch vs ONNX Runtime vs OpenVINO, end to end and forward only.
+"""Benchmark 9: inference runtimes — eager PyTorch vs ONNX Runtime vs OpenVINO, end to end and forward only.
 
 For each backbone (the main one and the speed backbone) and each installed runtime, side by side in one process
 and interleaved ``reps`` times:
@@ -22,7 +22,7 @@ import harness as h
 import workload as wl
 
 NAME = "runtime"
-TITLE = "8. Inference runtimes: eager PyTorch vs ONNX Runtime vs OpenVINO"
+TITLE = "9. Inference runtimes: eager PyTorch vs ONNX Runtime vs OpenVINO"
 TARGET_SPEEDUP = 2.5  # end to end vs eager, EfficientNet-Lite0
 TARGET_RATIO = 0.9  # end to end / the runtime's own forward rate
 SPEEDUP_BACKBONE = "efficientnet-lite0"
@@ -61,7 +61,7 @@ def run(cfg: h.Config) -> None:
             if runners[n].name != n:
                 raise RuntimeError(f"{ref}: {n} fell back to {runners[n].name} (see the warning above)")
             default = 128 if dev.type == "cuda" else 8
-            batch[n] = tuned_batch_size(bb, dev, precision, caches[n] / "tuning.json", default, runners[n])
+            batch[n] = tuned_batch_size(bb, dev, precision, caches[n] / "tuning.json", default, runner=runners[n])
             h.log.info("%s %s: setup %.1f s, batch %d", ref, n, setup[n], batch[n])
         x = wl.preload(bb, files)
         models = _predict_models(cfg, ref, names, root) if _can_predict(ref) else {}
@@ -184,16 +184,16 @@ def section(results: dict) -> tuple[str, list[dict]]:
     fast = [r for r in med if r["runtime"] != "eager" and r["backbone"].split("@")[0] == SPEEDUP_BACKBONE]
     if fast:
         best = max(fast, key=lambda r: h.num(r["speedup"]))
-        claims.append(h.claim("8 runtime", f"probe.extract with {best['runtime']} vs eager ({best['backbone']})",
+        claims.append(h.claim("9 runtime", f"probe.extract with {best['runtime']} vs eager ({best['backbone']})",
                               h.fmt(best["speedup"], 2) + "x", f">= {TARGET_SPEEDUP}x",
                               h.num(best["speedup"]) >= TARGET_SPEEDUP))
         if h.num(best.get("predict_speedup")) == h.num(best.get("predict_speedup")):
-            claims.append(h.claim("8 runtime", f"probe predict with {best['runtime']} vs eager ({best['backbone']})",
+            claims.append(h.claim("9 runtime", f"probe predict with {best['runtime']} vs eager ({best['backbone']})",
                                   h.fmt(best["predict_speedup"], 2) + "x", f">= {TARGET_SPEEDUP}x",
                                   h.num(best["predict_speedup"]) >= TARGET_SPEEDUP))
     for r in med:
         if r["runtime"] != "eager":
-            claims.append(h.claim("8 runtime", f"probe.extract / forward pass ({r['backbone']}, {r['runtime']})",
+            claims.append(h.claim("9 runtime", f"probe.extract / forward pass ({r['backbone']}, {r['runtime']})",
                                   h.fmt(r["ratio"], 2), f">= {TARGET_RATIO}", h.num(r["ratio"]) >= TARGET_RATIO))
     return "\n".join(text), claims
 

@@ -61,6 +61,7 @@ class Sizes:
     incremental: int  # files of the first extraction in benchmark 4 (then 10 % are added)
     memory: int  # N of benchmark 7 (N and 4N inputs)
     exhaustive: int = 45  # C values of the exhaustive grid in benchmark 5
+    photos: int = 48  # camera-sized (3000x2000) JPEGs of benchmark 8
 
     @property
     def pool(self) -> int:
@@ -72,16 +73,16 @@ class Sizes:
 SCALES = {
     # the smoke test: a handful of images (use with --backbone test:tiny-cnn)
     "tiny": Sizes(train=100, test=40, throughput=16, reps=1, handloop=8, grid=8, grid_reps=1, incremental=20,
-                  memory=8, exhaustive=9),
+                  memory=8, exhaustive=9, photos=6),
     # a quick real run (~2-3 minutes with EfficientNet-Lite0 on 2 cores)
     "quick": Sizes(train=400, test=200, throughput=64, reps=2, handloop=32, grid=32, grid_reps=1, incremental=100,
-                   memory=32),
+                   memory=32, photos=24),
     # `make bench`: ~15 minutes on 2 CPU cores
     "default": Sizes(train=3000, test=1000, throughput=256, reps=3, handloop=128, grid=128, grid_reps=2,
                      incremental=500, memory=200),
     # --full: the real sizes, for a GPU machine
     "full": Sizes(train=60000, test=10000, throughput=5000, reps=3, handloop=1000, grid=2000, grid_reps=2,
-                  incremental=10000, memory=5000),
+                  incremental=10000, memory=5000, photos=400),
 }
 
 

@@ -27,6 +27,7 @@ import bench_accuracy
 import bench_handloop
 import bench_incremental
 import bench_memory
+import bench_photos
 import bench_refit
 import bench_runtime
 import bench_sweep
@@ -36,7 +37,7 @@ import report
 
 # refit first: its cold run fills the shared cache that sweep, accuracy and memory read.
 ORDER = (bench_refit, bench_sweep, bench_accuracy, bench_memory, bench_throughput, bench_handloop, bench_incremental,
-         bench_runtime)
+         bench_photos, bench_runtime)
 
 log = logging.getLogger("benchmarks")
 

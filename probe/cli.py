@@ -98,6 +98,9 @@ def engine_options(f):
                      show_default=True, help="Feature cache folder."),
         click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
                      help="Storage dtype of cached features."),
+        click.option("--decode", type=click.Choice(["exact", "reduced"]), default=None,
+                     help="JPEG decoding: reduced = libjpeg's DCT scaling, 4-6x faster on photos, within a stated "
+                          "tolerance (default: the backbone's; its own cache space)."),
     ])
 
 

@@ -1,7 +1,7 @@
 """The batched extraction engine.
 
     records --hash (memo)--> keys --cache lookup--> misses
-    misses --DataLoader (decode + preprocess, optional workers)--> batches
+    misses --loader.iter_batches (decode + preprocess in threads ahead of the model, or worker processes)--> batches
     batches --runner (probe/runtime.py: eager inference_mode + channels_last + AMP on CUDA, or ONNX Runtime /
               OpenVINO on the CPU)--> features
     features --writer thread--> SegmentWriter (atomic segments) --> cache
@@ -14,35 +14,36 @@ when asked.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
 import queue
 import threading
 import time
+from collections import deque
 from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .backbones import Backbone, load_backbone
 from .cache import SPACE_FILE, FeatureCache, FeatureStore, SpaceNotFoundError
 from .defaults import DEFAULT_BACKBONE
-from .errors import ImageDecodeError, ProbeError, StrictModeError
+from .errors import ProbeError, StrictModeError
 from .featureset import ExtractStats, Failure, FeatureSet
 from .options import ExtractOptions
-from .preprocess import Preprocess, decode_image
+from .loader import iter_batches
+from .preprocess import Preprocess
 from .space import FeatureSpace
 from .sources import MEMO_FILE, HashMemo, Record, hash_files, resolve
-from .tuning import TUNING_FILE
 
 log = logging.getLogger(__name__)
 
-_DEFAULT = object()  # "cache not given": the options' default applies
+UNSET = _DEFAULT = object()  # "cache not given": the options' (or the options object's own) cache applies
 
 
 def _cache_root(cache) -> str | None:
@@ -65,43 +66,14 @@ def make_options(backbone: str | Backbone | ExtractOptions = DEFAULT_BACKBONE, c
 
 DEFAULT_CPU_BATCH = 8
 DEFAULT_CUDA_BATCH = 128
-AUTOTUNE_MIN_INPUTS = 64
+AUTOTUNE_MIN_INPUTS = 2000  # see _choose_batch_size
+# auto's one-off runtime choice (export ~2-3 s + measuring ~3 s for EfficientNet-Lite0 on 2 cores, then remembered
+# per machine) costs about what eager extracts of 250-300 images, and saves ~2/3 of every later batch.
+RUNTIME_MIN_INPUTS = 256
+TUNING_FILE = "tuning.json"
 
 
 # -- the data side -------------------------------------------------------------------------------------------
-
-
-class _Inputs(Dataset):
-    """Decode + resize + crop one input (a path or a PIL image) to uint8 HWC in a loader worker; failures are
-    returned, not raised. Normalization happens per batch on the device (:func:`to_model_input`)."""
-
-    def __init__(self, items: Sequence[str | Image.Image], preprocess: Preprocess, max_pixels: int):
-        self.items = items
-        self.preprocess = preprocess
-        self.max_pixels = max_pixels
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        try:
-            return i, self.preprocess.resize_crop(decode_image(self.items[i], self.max_pixels), self.max_pixels), None
-        except ImageDecodeError as e:
-            msg = str(e)
-            if msg.startswith("<image>:") and not isinstance(self.items[i], Image.Image):
-                msg = f"{self.items[i]}{msg[len('<image>'):]}"
-            return i, None, msg
-        except Exception as e:  # a decoder bug must not kill the run: report the input instead
-            return i, None, f"{self.items[i]}: {type(e).__name__}: {e}"
-
-
-def _collate(samples):
-    ok = [(i, a) for i, a, _ in samples if a is not None]
-    failed = [(i, err) for i, a, err in samples if a is None]
-    if not ok:
-        return torch.empty(0, dtype=torch.long), None, failed
-    idx = torch.tensor([i for i, _ in ok], dtype=torch.long)
-    return idx, torch.from_numpy(np.stack([a for _, a in ok])), failed
 
 
 def to_model_input(batch: torch.Tensor, preprocess: Preprocess, device: torch.device, channels_last: bool,
@@ -188,6 +160,9 @@ class Extractor:
         self.runtime = check_runtime(opts.runtime, self.device, self.precision)
         self._runner = None
         self.backbone = loaded or load_backbone(opts.backbone, opts.weights, opts.layer, opts.pooling)
+        if opts.decode is not None and opts.decode != self.backbone.preprocess.decode:  # a separate space
+            pre = dataclasses.replace(self.backbone.preprocess, decode=opts.decode)
+            self.backbone = dataclasses.replace(self.backbone, preprocess=pre)
         self.backbone.to(self.device)
         self.space = self.backbone.feature_space(dtype=opts.dtype, precision=self.precision)
         self.cache = FeatureCache(opts.cache) if opts.cache is not None else None
@@ -195,6 +170,7 @@ class Extractor:
         self.store = self._open_store()
         self.batch_size = opts.batch_size
         self.workers = default_workers(self.device) if opts.workers is None else opts.workers
+        self.threads = opts.threads  # decode threads next to the model (None: loader.default_threads())
         self.max_pixels = opts.max_pixels
         self.segment_rows = opts.segment_rows
         self.progress = opts.progress
@@ -320,7 +296,8 @@ class Extractor:
         return keys, failures
 
     def _choose_runner(self, n: int):
-        """The runner, made once (``auto`` measures once per cache; a small run does not measure)."""
+        """The runner, made once per Extractor. ``auto`` uses the choice this machine remembers, else measures
+        (runs with at least RUNTIME_MIN_INPUTS inputs to compute and writing allowed) or runs eager."""
         if self._runner is not None:
             return self._runner
         from .runtime import make_runner
@@ -328,53 +305,54 @@ class Extractor:
         # Like the hash memo, write=False creates no cache folder: exports and choices need an existing one.
         root = self.cache.root if self.cache is not None and (self.write or self.cache.root.exists()) else None
         default = DEFAULT_CUDA_BATCH if self.device.type == "cuda" else DEFAULT_CPU_BATCH
+        measure = n >= RUNTIME_MIN_INPUTS and self.write
         runner = make_runner(self.backbone, self.runtime, self.device, self.precision, root,
-                             batch_size=self.batch_size or default, measure=n >= AUTOTUNE_MIN_INPUTS)
-        if not (self.runtime == "auto" and n < AUTOTUNE_MIN_INPUTS and runner.name == "eager"):
-            self._runner = runner  # a small run's eager is provisional: a large one may still measure
+                             batch_size=self.batch_size or default, measure=measure)
+        if not (self.runtime == "auto" and not measure and runner.name == "eager"):
+            self._runner = runner  # eager without measuring is provisional: a larger run may still measure
         return runner
 
     def _choose_batch_size(self, n: int, runner) -> int:
         if self.batch_size is not None:
             return self.batch_size
         default = DEFAULT_CUDA_BATCH if self.device.type == "cuda" else DEFAULT_CPU_BATCH
-        if n < AUTOTUNE_MIN_INPUTS or self.cache is None:
-            return default
-        from .tuning import tuned_batch_size
+        from .tuning import remembered_batch_size, tuned_batch_size
 
-        return tuned_batch_size(self.backbone, self.device, self.precision, self.cache.root / TUNING_FILE, default,
-                                runner)
+        # The memo is per machine (tuning.memo_file()); a cache folder's own tuning.json is an older memo.
+        # Tuning costs about as much as extracting 150-450 images with EfficientNet-Lite0 on the 2-core CPU
+        # (measured) and gains little over batch 8 there (4-16 ran alike), so it runs only for jobs big enough to
+        # amortize it (AUTOTUNE_MIN_INPUTS); smaller ones use what this machine remembers, or the default.
+        legacy = [self.cache.root / TUNING_FILE] if self.cache is not None else []
+        if n < AUTOTUNE_MIN_INPUTS or not self.write:
+            return remembered_batch_size(self.backbone, self.device, self.precision, legacy, runner.name) or default
+        return tuned_batch_size(self.backbone, self.device, self.precision, None, default, also=legacy, runner=runner)
 
     def _run_model(self, todo: list[int], records: list[Record], keys: list[str | None], stats: ExtractStats,
                    memory: dict[str, np.ndarray]):
         t = time.perf_counter()
         runner = self._choose_runner(len(todo))
         bs = self._choose_batch_size(len(todo), runner)
-        # One-off: export (once per cache), runtime choice and batch size (once per device, in tuning.json), building
-        # the runner (once per process).
+        # One-off: export (once per cache), runtime choice and batch size (once per machine, tuning.memo_file()),
+        # building the runner (once per process).
         stats.seconds["tune"] = time.perf_counter() - t
         stats.batch_size = bs
         stats.runtime = runner.name
         cuda = self.device.type == "cuda"
-        data = _Inputs([records[i].path for i in todo], self.backbone.preprocess, self.max_pixels)
-        loader = DataLoader(
-            data,
-            batch_size=bs,
-            num_workers=self.workers,
-            collate_fn=_collate,
-            pin_memory=cuda,
-            prefetch_factor=4 if self.workers else None,
-        )
+        loader = iter_batches([records[i].path for i in todo], self.backbone.preprocess, bs, self.max_pixels,
+                              threads=self.threads, workers=self.workers)
         failed: list[tuple[int, str]] = []
         writer = _WriterThread(self.store, self.segment_rows, self.space, runner) if self.write else None
         bar = tqdm(total=len(todo), unit="img", desc="extract", disable=_bar_disabled(self.progress), leave=False)
+        recent: deque = deque(maxlen=8)  # (inputs, data wait, wall) of the last batches: the bar's current pace
         try:
             t = time.perf_counter()
             for idx, batch, bad in loader:
                 now = time.perf_counter()
                 stats.seconds["data_wait"] += now - t
+                wait, t0 = now - t, t
                 failed.extend((todo[i], err) for i, err in bad)
                 if batch is not None:
+                    batch = torch.from_numpy(batch).pin_memory() if cuda else torch.from_numpy(batch)
                     x = to_model_input(batch, self.backbone.preprocess, self.device, runner.channels_last, cuda)
                     feats = runner(x)
                     stats.model_batches += 1
@@ -395,7 +373,8 @@ class Extractor:
                 t = time.perf_counter()
                 stats.seconds["model"] += t - now
                 bar.update(len(idx) + len(bad))
-                bar.set_postfix(cached=stats.cached, failed=len(failed) + stats.failed, refresh=False)
+                recent.append((len(idx) + len(bad), wait, t - t0))
+                bar.set_postfix(cached=stats.cached, failed=len(failed) + stats.failed, **pace(recent), refresh=False)
         finally:
             bar.close()
             if writer is not None:
@@ -472,6 +451,15 @@ _LIBC = _load_libc()
 
 def _name(record: Record) -> str:
     return "<image>" if isinstance(record.path, Image.Image) else record.path
+
+
+def pace(recent) -> dict[str, str]:
+    """The progress bar's view of the last batches: images/s and the share of time spent waiting for decoded
+    data (a high share means decoding, not the model, limits the run)."""
+    n, wait, wall = (sum(r[k] for r in recent) for k in range(3))
+    if wall <= 0:
+        return {}
+    return {"img/s": f"{n / wall:.1f}", "data wait": f"{wait / wall:.0%}"}
 
 
 def _bar_disabled(progress: bool | None) -> bool | None:

@@ -158,9 +158,11 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
         weights = rec.get("weights_path")
         if weights and not os.path.isfile(weights):
             weights = None
+        # Decode as the training features were (a model saved before the field existed decoded exactly).
+        decode = rec["preprocess"].get("decode", "exact")
         return ExtractOptions.from_kwargs(
             backbone=rec["name"], weights=weights, layer=rec["layer"], pooling=rec["pooling"], dtype=rec["dtype"],
-            cache=cache, write=write, **{**(self.options or {}), **options})
+            decode=decode, cache=cache, write=write, **{**(self.options or {}), **options})
 
     def extractor(self, cache=DEFAULT_CACHE, write: bool = False, **options):
         """An :class:`~probe.engine.Extractor` for this model's feature space (built once, then reused)."""

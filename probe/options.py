@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from .defaults import DEFAULT_BACKBONE, DEFAULT_CACHE, DEFAULT_MAX_PIXELS, POOLINGS, RUNTIMES
 from .errors import ProbeError
 from .space import DTYPES
+
+DECODES = ("exact", "reduced")  # probe.preprocess.DECODES, named here without importing Pillow
 #: Accepted spellings of the compute precision; the engine maps them to float32 / bfloat16 / float16.
 AMP_CHOICES = ("auto", "off", "bf16", "fp16", "float32", "fp32", "bfloat16", "float16")
 
@@ -28,10 +30,12 @@ class OptionError(ProbeError, ValueError):
 class ExtractOptions:
     """How features are extracted and stored.
 
-    ``backbone``, ``weights``, ``layer``, ``pooling``, ``dtype`` and (through ``amp`` and ``device``) the compute
-    precision decide the feature space; the rest decide only speed and where rows go: ``cache`` (None: no cache),
+    ``backbone``, ``weights``, ``layer``, ``pooling``, ``dtype``, ``decode`` (JPEG decoding, ``exact`` or
+    ``reduced``; None: the backbone's default) and (through ``amp`` and ``device``) the compute precision decide
+    the feature space; the rest decide only speed and where rows go: ``cache`` (None: no cache),
     ``write`` (False: read the cache, keep new features in memory), ``batch_size`` (None: tuned per device),
-    ``workers`` (None: by device), ``max_pixels`` (decompression-bomb limit), ``segment_rows`` (rows per cache
+    ``workers`` (loader processes; None: by device), ``threads`` (decode threads, 0: decode in the calling thread; None: measured default),
+    ``max_pixels`` (decompression-bomb limit), ``segment_rows`` (rows per cache
     segment), ``progress`` (None: a bar on a terminal only), ``runtime`` (what runs the backbone: auto, eager,
     onnxruntime, openvino; see :mod:`probe.runtime`).
     """
@@ -41,10 +45,12 @@ class ExtractOptions:
     layer: str | None = None
     pooling: str | None = None
     dtype: str = "float32"
+    decode: str | None = None
     amp: str | bool | None = "auto"
     device: str | None = None
     batch_size: int | None = None
     workers: int | None = None
+    threads: int | None = None
     cache: str | None = DEFAULT_CACHE
     write: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -68,15 +74,17 @@ class ExtractOptions:
             raise OptionError(f"layer={self.layer!r} must be a submodule name")
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise OptionError(f"pooling={self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if self.decode is not None and self.decode not in DECODES:
+            raise OptionError(f"decode={self.decode!r} is not one of {', '.join(DECODES)}")
         if self.dtype not in DTYPES:
             raise OptionError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.amp is None:
             set_("amp", "auto")
         elif not isinstance(self.amp, bool) and self.amp not in AMP_CHOICES:
             raise OptionError(f"amp={self.amp!r} is not one of {', '.join(AMP_CHOICES[:4])}")
-        for name, low in (("batch_size", 1), ("workers", 0), ("max_pixels", 1), ("segment_rows", 1)):
+        for name, low in (("batch_size", 1), ("workers", 0), ("threads", 0), ("max_pixels", 1), ("segment_rows", 1)):
             value = getattr(self, name)
-            if value is None and name in ("batch_size", "workers"):
+            if value is None and name in ("batch_size", "workers", "threads"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise OptionError(f"{name}={value!r} must be an integer >= {low}")

@@ -35,14 +35,16 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, *, weights=None, layer=None, pooling=None,
-                 dtype: str = "float32", amp="auto", device=None, batch_size=None, workers=None, cache=None,
-                 write: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, segment_rows: int = 1024,
-                 progress: bool = False, runtime: str = "auto"):
+                 dtype: str = "float32", decode=None, amp="auto", device=None, batch_size=None, workers=None,
+                 threads=None, cache=None, write: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 segment_rows: int = 1024, progress: bool = False, runtime: str = "auto"):
         self.backbone = backbone
         self.weights = weights
         self.layer = layer
         self.pooling = pooling
         self.dtype = dtype
+        self.decode = decode
+        self.threads = threads
         self.cache = cache
         self.write = write
         self.device = device

@@ -18,7 +18,7 @@ from sklearn.base import clone
 from .defaults import DEFAULT_BACKBONE, DEFAULT_CACHE
 from .errors import ProbeError, StrictModeError
 from .files import atomic_write_text
-from .engine import Extractor, make_options
+from .engine import UNSET, Extractor, make_options
 from .featureset import ExtractStats, FeatureSet
 from .heads import blas_threads, head_description, head_spec
 from .sweep import fit_head
@@ -108,7 +108,7 @@ def fit(
     clf: str = "logreg",
     *,
     backbone: str = DEFAULT_BACKBONE,
-    cache=DEFAULT_CACHE,
+    cache=UNSET,
     val=None,
     val_split: float = 0.1,
     value: float | None = None,

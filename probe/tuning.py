@@ -1,8 +1,11 @@
 """Batch-size auto-tuning: time the runner's forward pass at a few batch sizes on this device, keep the fastest.
 
 GPU-style batch sizes are wrong on a CPU (measured: EfficientNet-Lite0 on 2 cores ran faster at batch 4-16 than
-at 32), so the choice is made per (backbone, device, threads, precision, torch version) and remembered in the
-cache folder, costing a few seconds once. The runtime choice (probe/runtime.py) is remembered in the same memo.
+at 32), so the choice is made per (backbone, device, threads, precision, torch version) and remembered per
+machine in a user-level file (:func:`memo_file`: the platform's user cache folder, e.g. ``~/.cache/probe/
+tuning.json``), shared by every cache folder: the few seconds of tuning are paid once per machine, not once per
+cache folder. A ``tuning.json`` inside a cache folder (where earlier versions kept the memo) is still read.
+The same memo remembers which inference runtime ``--runtime auto`` measured fastest (probe/runtime.py).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -20,10 +24,14 @@ from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+#: Environment variables naming the per-machine memo: the file itself, or a folder that holds ``tuning.json``.
+ENV_FILE = "PROBE_TUNING_FILE"
+ENV_HOME = "PROBE_HOME"
+MEMO_NAME = "tuning.json"
+
 CPU_CANDIDATES = (1, 4, 8, 16, 32)
 CUDA_CANDIDATES = (32, 64, 128, 256)
 ROUNDS = 2
-TUNING_FILE = "tuning.json"  # the memo's name in the cache folder
 
 
 def measure_throughput(runner, batch_size: int, input_size: int, min_seconds: float = 0.3,
@@ -48,8 +56,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def memo_file() -> Path:
+    """The per-machine memo: ``$PROBE_TUNING_FILE``, else ``$PROBE_HOME/tuning.json``, else ``tuning.json`` in
+    the platform's user cache folder (``platformdirs.user_cache_dir("probe")``)."""
+    if os.environ.get(ENV_FILE):
+        return Path(os.environ[ENV_FILE])
+    if os.environ.get(ENV_HOME):
+        return Path(os.environ[ENV_HOME]) / MEMO_NAME
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("probe")) / MEMO_NAME
+
+
+def memo_key(backbone: Backbone, device: torch.device, precision: str, runtime: str = "eager") -> str:
+    """The batch size's key; a compiled runtime's choice is its own entry (eager keeps the original form)."""
+    parts = [backbone.name, backbone.layer, str(backbone.preprocess.crop), str(device), precision,
+             str(torch.get_num_threads()), torch.__version__]
+    return "|".join(parts + ([runtime] if runtime != "eager" else []))
+
+
 def read_memo(path: str | os.PathLike) -> dict:
-    """The tuning memo (batch sizes and runtime choices); empty when missing or unreadable."""
+    """A memo file's entries; empty when missing or unreadable."""
     try:
         memo = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -58,26 +85,50 @@ def read_memo(path: str | os.PathLike) -> dict:
 
 
 def update_memo(path: str | os.PathLike, key: str, value: dict) -> None:
-    """Remember ``value`` under ``key`` (read, update, atomic replace)."""
+    """Remember ``value`` under ``key``: re-read (another process may have added entries), update, replace
+    atomically. A memo that cannot be written only costs measuring again next time."""
+    path = Path(path)
     memo = read_memo(path)
     memo[key] = value
-    atomic_write_text(path, json.dumps(memo, indent=2))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(memo, indent=2))
+    except OSError as e:
+        log.warning("cannot remember %s in %s (%s)", key.split("|")[0], path, e)
 
 
-def tuned_batch_size(backbone: Backbone, device: torch.device, precision: str, memo_path: str | os.PathLike,
-                     default: int, runner=None) -> int:
-    """The fastest batch size for ``runner`` (default: eager PyTorch), measured once and remembered."""
+def remembered_batch_size(backbone: Backbone, device: torch.device, precision: str,
+                          also: Sequence[str | os.PathLike] = (), runtime: str = "eager") -> int | None:
+    """The batch size remembered for this (backbone, device, threads, precision, torch, runtime) in the
+    per-machine memo, or else in one of the ``also`` memos (a cache folder's ``tuning.json``, where earlier
+    versions kept it)."""
+    return _remembered(memo_key(backbone, device, precision, runtime), [memo_file(), *map(Path, also)])
+
+
+def _remembered(key: str, paths: Sequence[Path]) -> int | None:
+    for path in paths:
+        entry = read_memo(path).get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("batch_size"), int) and entry["batch_size"] >= 1:
+            return entry["batch_size"]
+    return None
+
+
+def tuned_batch_size(backbone: Backbone, device: torch.device, precision: str,
+                     memo_path: str | os.PathLike | None, default: int,
+                     also: Sequence[str | os.PathLike] = (), runner=None) -> int:
+    """The remembered batch size for ``runner`` (default: eager PyTorch), or tune now and remember it.
+    ``memo_path`` None: the per-machine memo (:func:`memo_file`), also reading ``also``; a path: that file only
+    (a fresh one tunes again)."""
     if runner is None:
         from .runtime import EagerRunner
 
         runner = EagerRunner(backbone, device, precision)
-    key = "|".join(
-        [backbone.name, backbone.layer, str(backbone.preprocess.crop), str(device), precision,
-         str(torch.get_num_threads()), torch.__version__, runner.name]
-    )
-    memo = read_memo(memo_path)
-    if key in memo:
-        return int(memo[key]["batch_size"])
+    paths = [memo_file(), *map(Path, also)] if memo_path is None else [Path(memo_path)]
+    key = memo_key(backbone, device, precision, runner.name)
+    found = _remembered(key, paths)
+    if found is not None:
+        return found
+    memo_path = paths[0]
     candidates = list(CUDA_CANDIDATES if device.type == "cuda" else CPU_CANDIDATES)
     rates: dict[int, float] = {}
     # Interleaved rounds, best rate per candidate: interference from other processes only ever slows a

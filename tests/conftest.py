@@ -143,6 +143,15 @@ def bad_files(tmp_path) -> BadFiles:
 # -- running probe -------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def machine_tuning_memo(tmp_path, monkeypatch) -> Path:
+    """The per-machine batch-size memo (probe.tuning.memo_file) of this test: in its tmp_path, never the user's
+    cache folder. Subprocesses started by the test inherit it."""
+    path = tmp_path / "machine" / "tuning.json"
+    monkeypatch.setenv("PROBE_TUNING_FILE", str(path))
+    return path
+
+
 @pytest.fixture
 def cache_dir(tmp_path) -> Path:
     """A fresh (not yet created) feature-cache folder."""

@@ -29,6 +29,8 @@ COLUMNS = {
     "sweep": {"method", "fits", "seconds", "C", "val_accuracy", "test_accuracy", "ratio"},
     "accuracy": {"features", "head", "accuracy", "macro_f1", "ece", "n_train", "n_test"},
     "memory": {"run", "inputs", "dtype", "peak_rss_mb", "bytes_per_row", "test_accuracy", "ratio"},
+    "photos": {"measure", "config", "decode", "rep", "images", "ms_per_image", "ips", "ratio", "decode_threads",
+               "data_wait_s", "model_s", "max_abs", "mean_abs", "min_cosine"},
     "runtime": {"backbone", "runtime", "rep", "images", "batch_size", "extract_ips", "forward_ips", "ratio", "speedup",
                 "predict_ips", "predict_speedup", "setup_s", "data_wait_s", "model_s"},
 }
@@ -41,7 +43,8 @@ def _snapshot(folder: Path) -> dict:
 
 def _run(args, env=None, timeout=300):
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=subprocess_env(PYTHONUNBUFFERED="1", **(env or {})))  # this checkout
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT),
+                                                **(env or {})})
 
 
 def _rows(path: Path) -> list[dict]:
@@ -54,7 +57,8 @@ def toy_run(tmp_path_factory):
     """One tiny run of every benchmark, on generated images, into a temporary folder."""
     tmp = tmp_path_factory.mktemp("bench")
     before = _snapshot(BENCH / "results"), _snapshot(BENCH / "README.md")
-    proc = _run([BENCH / "run_all.py", *TOY, "--data", "generated", "--out", tmp / "results", "--work", tmp / "work"])
+    proc = _run([BENCH / "run_all.py", *TOY, "--data", "generated", "--out", tmp / "results", "--work", tmp / "work"],
+                env={"PROBE_TUNING_FILE": str(tmp / "machine-tuning.json")})  # module scope: before conftest's
     after = _snapshot(BENCH / "results"), _snapshot(BENCH / "README.md")
     return proc, tmp / "results", before, after
 
@@ -71,7 +75,7 @@ def test_run_all_writes_every_result_file(toy_run):
         assert {r["data"] for r in rows} == {"generated"}
     run = json.loads((out / "run.json").read_text())
     assert set(run["benchmarks"]) == {"throughput", "handloop", "refit", "incremental", "sweep", "accuracy", "memory",
-                                      "runtime"}
+                                      "photos", "runtime"}
     assert not [name for name, s in run["benchmarks"].items() if "error" in s]
 
 
@@ -91,6 +95,13 @@ def test_run_all_rows_are_complete(toy_run):
     assert any(int(r["files_hashed"]) > 0 for r in refit if r["phase"] == "hash: fresh memo")
     memory = _rows(out / "memory.csv")
     assert {r["dtype"] for r in memory if r["run"].startswith("extract")} == {"float32", "float16"}
+    photos = _rows(out / "photos.csv")
+    medians = [r for r in photos if r["rep"] == "median"]
+    assert {r["decode"] for r in medians if r["measure"] == "decode"} == {"exact", "reduced"}
+    assert len([r for r in medians if r["measure"] == "extract" and r["default"] == "yes"]) == 1
+    assert all(int(r["new"]) == int(r["images"]) == 6 for r in photos if r["measure"] == "extract")
+    reduced = next(r for r in medians if r["measure"] == "decode" and r["decode"] == "reduced")
+    assert float(reduced["min_cosine"]) > 0.9 and float(reduced["mean_abs"]) < 5
 
 
 @pytest.mark.slow
@@ -99,7 +110,7 @@ def test_run_all_builds_readme_and_plot(toy_run):
     readme = (out / "README.md").read_text()
     for title in ("1. Extraction throughput", "2. probe.extract vs the hand-written loop", "3. Refit from cache",
                   "4. Incremental extraction", "5. Regularization sweep", "6. Linear-probe accuracy",
-                  "7. Memory and storage", "8. Inference runtimes", "## Summary"):
+                  "7. Memory and storage", "8. Camera-sized JPEGs", "9. Inference runtimes", "## Summary"):
         assert title in readme
     assert "failed in the last run" not in readme
     assert (out / "throughput_vs_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -240,6 +240,70 @@ def test_options_that_change_features_change_the_space(cache_dir):
     assert f16.store.space.dtype == "float16"
 
 
+def test_decode_option_is_its_own_space_and_png_features_do_not_change(image_folder, cache_dir):
+    records = resolve(image_folder)[:6]
+    exact = tiny(cache_dir)
+    reduced = tiny(cache_dir, decode="reduced")
+    assert exact.backbone.preprocess.decode == "exact" and "decode" not in exact.space.preprocess
+    assert reduced.space.preprocess["decode"] == "reduced" and reduced.space.id != exact.space.id
+    a, b = exact.extract(records), reduced.extract(records)
+    assert b.stats.new == 6  # never answered from the exact space
+    np.testing.assert_array_equal(a.features, b.features)  # PNGs decode bitwise the same either way
+    with pytest.raises(ValueError, match="decode='fast'"):
+        tiny(cache_dir, decode="fast")
+
+
+def test_cli_decode_option_and_the_model_decodes_as_it_was_trained(image_folder, tmp_path):
+    from probe.model import load
+
+    cache = tmp_path / "cache"
+    out = invoke("extract", image_folder, "--backbone", TINY, "--cache", cache, "--decode", "reduced", *CPU_ARGS)
+    (space_json,) = (cache / "spaces").glob("*/space.json")
+    assert json.loads(space_json.read_text())["preprocess"]["decode"] == "reduced"
+    assert "24 new" in out.output
+    invoke("fit", image_folder, "--backbone", TINY, "--cache", cache, "--decode", "reduced", "--C", 1,
+           "--val-split", 0, "-o", tmp_path / "m.probe", *CPU_ARGS)
+    model = load(tmp_path / "m.probe")
+    assert model.backbone_["preprocess"]["decode"] == "reduced"
+    ex = model.extractor(cache, device="cpu", progress=False)
+    assert ex.backbone.preprocess.decode == "reduced" and ex.space.digest == model.backbone_["space_digest"]
+    fs = model.features(resolve(image_folder)[:3], cache=cache, device="cpu", progress=False)
+    assert fs.stats.cached == 3 and fs.stats.new == 0  # read from the reduced space it was trained on
+
+
+def test_a_model_trained_with_exact_decoding_keeps_it_when_the_default_changes(image_folder, tmp_path,
+                                                                               monkeypatch):
+    import dataclasses
+
+    from probe import backbones
+    from probe.model import load
+
+    records = resolve(image_folder)
+    invoke("fit", image_folder, "--backbone", TINY, "--cache", tmp_path / "cache", "--C", 1, "--val-split", 0,
+           "-o", tmp_path / "m.probe", *CPU_ARGS)
+    model = load(tmp_path / "m.probe")
+    assert "decode" not in model.backbone_["preprocess"]  # as models saved before the field existed
+    spec = backbones._REGISTRY[TINY]
+
+    def build_reduced(weights):
+        net, pre, digest, path = spec.build(weights)
+        return net, dataclasses.replace(pre, decode="reduced"), digest, path
+
+    monkeypatch.setitem(backbones._REGISTRY, TINY, dataclasses.replace(spec, build=build_reduced))
+    assert backbones.load_backbone(TINY).preprocess.decode == "reduced"
+    fs = model.features(records, cache=tmp_path / "cache", device="cpu", progress=False)
+    assert fs.stats.cached == len(records)  # still the exact space it was trained on
+    assert model.extractor(tmp_path / "cache", device="cpu", progress=False).backbone.preprocess.decode == "exact"
+
+
+def test_pretrained_backbones_default_to_reduced_decoding():
+    from probe.backbones import DEFAULT_DECODE, _tv_preprocess, _tv_weights_enum
+
+    assert DEFAULT_DECODE == "reduced"
+    assert _tv_preprocess(_tv_weights_enum("resnet18")).decode == "reduced"
+    assert Extractor(TINY, None).backbone.preprocess.decode == "exact"  # the test backbone decodes exactly
+
+
 def test_float16_cache_round_trips(image_folder, tmp_path):
     records = resolve(image_folder)[:6]
     f32 = tiny(tmp_path / "a").extract(records)
@@ -363,24 +427,85 @@ def test_unlabelled_inputs_have_no_y(tmp_path, cache_dir):
         fs.y
 
 
-def test_batch_size_autotuning_is_remembered(tmp_path, monkeypatch):
-    from probe import tuning
+def _fake_tuning(monkeypatch, threshold=64) -> list[int]:
+    """Count tuning runs (batch sizes measured) instead of timing the model; batch 16 wins."""
+    from probe import engine, tuning
 
-    folder = make_image_folder(tmp_path / "imgs", per_class=22)  # 66 inputs: enough to tune
-    calls = []
+    calls: list[int] = []
+    monkeypatch.setattr(engine, "AUTOTUNE_MIN_INPUTS", threshold)
     monkeypatch.setattr(tuning, "measure_throughput",
                         lambda runner, bs, size: calls.append(bs) or {8: 50.0, 16: 80.0}.get(bs, 10.0))
+    return calls
+
+
+def test_batch_size_autotuning_is_remembered_per_machine(tmp_path, monkeypatch, machine_tuning_memo):
+    from probe import tuning
+
+    calls = _fake_tuning(monkeypatch)
+    folder = make_image_folder(tmp_path / "imgs", per_class=22)  # 66 inputs: enough to tune (threshold 64)
     fs = extract(folder, TINY, tmp_path / "cache", runtime="eager", **CPU)
     assert fs.stats.batch_size == 16 and calls == list(tuning.CPU_CANDIDATES) * tuning.ROUNDS
-    memo = json.loads((tmp_path / "cache" / "tuning.json").read_text())
-    (entry,) = memo.values()
+    assert tuning.memo_file() == machine_tuning_memo
+    (entry,) = json.loads(machine_tuning_memo.read_text()).values()
     assert entry["batch_size"] == 16
+    assert not (tmp_path / "cache" / "tuning.json").exists()  # per machine, not per cache folder
     calls.clear()
+    # A second, empty cache folder on the same machine: no tuning run there.
     more = make_image_folder(tmp_path / "more", per_class=22, seed=50_000)
-    fs = extract(more, TINY, tmp_path / "cache", runtime="eager", **CPU)
+    fs = extract(more, TINY, tmp_path / "other-cache", runtime="eager", **CPU)
     assert calls == [] and fs.stats.batch_size == 16 and fs.stats.new == 66
+    assert fs.stats.seconds["tune"] < 1.0
     few = extract(folder, TINY, tmp_path / "cache", write=False, **CPU)
     assert few.stats.model_batches == 0  # fully cached: nothing to tune for
+    assert extract(folder, TINY, tmp_path / "third", batch_size=3, **CPU).stats.batch_size == 3  # still overrides
+
+
+def test_small_jobs_do_not_tune_but_use_what_the_machine_remembers(tmp_path, monkeypatch, machine_tuning_memo):
+    from probe.engine import DEFAULT_CPU_BATCH
+
+    calls = _fake_tuning(monkeypatch, threshold=10)
+    small = make_image_folder(tmp_path / "small", per_class=2)  # 6 inputs: below the threshold
+    fs = extract(small, TINY, tmp_path / "a", **CPU)
+    assert calls == [] and fs.stats.batch_size == DEFAULT_CPU_BATCH and not machine_tuning_memo.exists()
+    big = make_image_folder(tmp_path / "big", per_class=4, seed=777)  # 12 inputs: tunes, once
+    assert extract(big, TINY, tmp_path / "b", **CPU).stats.batch_size == 16 and calls
+    calls.clear()
+    fs = extract(make_image_folder(tmp_path / "small2", per_class=2, seed=999), TINY, tmp_path / "c", **CPU)
+    assert calls == [] and fs.stats.batch_size == 16
+
+
+def test_a_cache_folders_old_tuning_memo_is_still_read(tmp_path, monkeypatch):
+    from probe import tuning
+
+    calls = _fake_tuning(monkeypatch, threshold=10)
+    ex = tiny(tmp_path / "cache", batch_size=None)
+    key = tuning.memo_key(ex.backbone, ex.device, ex.precision)
+    (tmp_path / "cache" / "tuning.json").write_text(json.dumps({key: {"batch_size": 5}}))
+    fs = ex.extract(resolve(make_image_folder(tmp_path / "imgs", per_class=4)))
+    assert calls == [] and fs.stats.batch_size == 5
+
+
+def test_an_unwritable_machine_memo_does_not_fail_the_run(tmp_path, monkeypatch):
+    calls = _fake_tuning(monkeypatch, threshold=10)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("PROBE_TUNING_FILE", str(blocker / "tuning.json"))  # its parent is a file
+    fs = extract(make_image_folder(tmp_path / "imgs", per_class=4), TINY, tmp_path / "cache", **CPU)
+    assert fs.stats.batch_size == 16 and calls and fs.stats.new == 12
+
+
+def test_machine_memo_location(tmp_path, monkeypatch):
+    import platformdirs
+
+    from probe import tuning
+
+    monkeypatch.setenv("PROBE_TUNING_FILE", str(tmp_path / "x.json"))
+    monkeypatch.setenv("PROBE_HOME", str(tmp_path / "home"))
+    assert tuning.memo_file() == tmp_path / "x.json"
+    monkeypatch.delenv("PROBE_TUNING_FILE")
+    assert tuning.memo_file() == tmp_path / "home" / "tuning.json"
+    monkeypatch.delenv("PROBE_HOME")
+    assert tuning.memo_file() == Path(platformdirs.user_cache_dir("probe")) / "tuning.json"
 
 
 def test_device_and_precision_resolution():

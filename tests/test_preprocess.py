@@ -214,3 +214,121 @@ def test_engine_batch_normalization_matches_per_image_preprocess_bitwise():
         assert batch.shape == (3, 3, 20, 20) and batch.dtype == torch.float32
         assert batch.is_contiguous(memory_format=torch.channels_last) == channels_last
         np.testing.assert_array_equal(batch.numpy(), per_image)
+
+
+# -- reduced-scale JPEG decoding -----------------------------------------------------------------------------
+
+#: The stated tolerance of decode="reduced" vs "exact" (docs/cache-format.md): uint8 crops within a mean absolute
+#: difference of 1.5/255, features at cosine >= 0.99. Measured on the detailed JPEGs below (and on 3000x2000
+#: photos in benchmarks/bench_photos.py): mean ~0.4-0.9, cosine > 0.998.
+MEAN_ABS_TOLERANCE = 1.5
+COSINE_TOLERANCE = 0.99
+
+
+def detailed_image(seed: int, size: tuple[int, int] = (1200, 800)) -> Image.Image:
+    """Photo-like detail: colour noise over several octaves, hard-edged rectangles and thin strokes."""
+    from PIL import ImageDraw
+
+    w, h = size
+    rng = np.random.default_rng(seed)
+    acc = np.zeros((h, w, 3), np.float32)
+    for cell, amp in ((200, 1.0), (50, 0.6), (12, 0.4), (3, 0.25), (1, 0.1)):
+        small = rng.normal(0, 1, (max(2, h // cell), max(2, w // cell), 3)).astype(np.float32)
+        acc += amp * np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(small[..., c]), "F").resize(
+            (w, h), Image.Resampling.BICUBIC)) for c in range(3)], -1)
+    im = Image.fromarray(np.clip(128 + 40 * acc / acc.std(), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    for _ in range(30):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        draw.rectangle([x, y, x + int(rng.integers(10, 200)), y + int(rng.integers(10, 150))],
+                       fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    for _ in range(150):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        draw.line([(x, y), (x + int(rng.integers(-60, 60)), y + int(rng.integers(-60, 60)))],
+                  fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=int(rng.integers(1, 5)))
+    return im
+
+
+def detailed_jpeg(path, seed: int, size: tuple[int, int] = (1200, 800), **save_kwargs):
+    detailed_image(seed, size).save(path, format="JPEG", quality=90, **save_kwargs)
+    return path
+
+
+EXACT_96 = Preprocess(resize=96, crop=96, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+REDUCED_96 = Preprocess(resize=96, crop=96, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), decode="reduced")
+
+
+def test_decode_is_part_of_the_identity_and_exact_keeps_its_digest():
+    from probe.cache import FeatureSpace
+
+    exact = Preprocess(224, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    reduced = Preprocess(224, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), decode="reduced")
+    assert "decode" not in exact.to_dict() and reduced.to_dict()["decode"] == "reduced"
+    assert Preprocess.from_dict(reduced.to_dict()) == reduced and Preprocess.from_dict(exact.to_dict()) == exact
+
+    def digest(pre):
+        return FeatureSpace(backbone="efficientnet-lite0", weights_sha256="ab" * 32, preprocess=pre.to_dict(),
+                            layer="penultimate", pooling="none", dim=1280).digest
+
+    # Golden digests of exact spaces, computed before the decode field existed: they must never change.
+    assert digest(exact) == "455c4388881cc4e9c900953cb61b411b3930928cebdfc7303ef708544c2591a6"
+    assert digest(Preprocess(256, 224)) == "678695f5f04b9b20c898157e9936db9365d1e67282428570d30da0e8eb64ddfb"
+    assert digest(reduced) != digest(exact)
+    with pytest.raises(ValueError, match="decode='fast'"):
+        Preprocess(224, 224, decode="fast")
+
+
+def test_reduced_decode_is_within_tolerance_of_exact_on_detailed_jpegs(tmp_path):
+    import torch
+
+    from probe.backbones import load_backbone
+    from probe.engine import to_model_input
+
+    paths = [detailed_jpeg(tmp_path / f"d{i}.jpg", seed=i) for i in range(3)]
+    # 1200x800 -> libjpeg's 1/4 scale (300x200): the smallest with a shorter side >= 2 x 96.
+    assert decode_image(paths[0], min_side=REDUCED_96.min_decode_side).size == (300, 200)
+    exact = np.stack([EXACT_96.load(p) for p in paths])
+    reduced = np.stack([REDUCED_96.load(p) for p in paths])
+    diff = np.abs(exact.astype(np.int16) - reduced.astype(np.int16))
+    assert diff.max() > 0  # a different path, not the exact one again
+    assert diff.mean() <= MEAN_ABS_TOLERANCE, diff.mean()
+    bb = load_backbone("test:tiny-cnn")
+    feats = []
+    for crops in (exact, reduced):
+        x = to_model_input(torch.from_numpy(crops), EXACT_96, torch.device("cpu"), False)
+        with torch.inference_mode():
+            feats.append(bb.features(x).numpy())
+    cos = (feats[0] * feats[1]).sum(1) / np.linalg.norm(feats[0], axis=1) / np.linalg.norm(feats[1], axis=1)
+    assert cos.min() >= COSINE_TOLERANCE, cos
+
+
+@pytest.mark.parametrize("suffix", [".png", ".webp", ".bmp", ".tiff", ".gif"])
+def test_reduced_decode_leaves_other_formats_bitwise_unchanged(tmp_path, suffix):
+    path = tmp_path / f"big{suffix}"
+    detailed_image(5, (800, 600)).save(path, **({"lossless": True} if suffix == ".webp" else {}))
+    np.testing.assert_array_equal(REDUCED_96.load(path), EXACT_96.load(path))
+    assert decode_image(path, min_side=192).size == (800, 600)
+
+
+def test_reduced_decode_of_a_jpeg_too_small_to_reduce_is_bitwise_exact(tmp_path):
+    path = detailed_jpeg(tmp_path / "small.jpg", seed=3, size=(300, 200))  # 200 < 2 x 192: no reduction
+    np.testing.assert_array_equal(REDUCED_96.load(path), EXACT_96.load(path))
+    im = detailed_image(4)
+    np.testing.assert_array_equal(REDUCED_96.load(im), EXACT_96.load(im))  # in-memory images: nothing to decode
+
+
+def test_reduced_decode_applies_exif_orientation(tmp_path):
+    # Stored 1600x800 with the left half dark; orientation 6 displays it 800 wide and 1600 high, dark half on top.
+    arr = np.asarray(detailed_image(6, (1600, 800))).copy()
+    arr[:, :800] //= 4
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(arr).save(path, quality=90, exif=exif)
+    shown = decode_image(path, min_side=192)
+    assert shown.size == (200, 400)  # reduced to 1/4, then rotated: the shorter side is still >= 192
+    assert decode_image(path).size == (800, 1600)
+    crop = REDUCED_96.load(path)
+    assert crop[:40].mean() < crop[56:].mean() / 2  # the dark half is on top: the rotation was applied
+    exact = EXACT_96.load(path)
+    assert np.abs(exact.astype(np.int16) - crop.astype(np.int16)).mean() <= MEAN_ABS_TOLERANCE

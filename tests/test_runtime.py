@@ -112,7 +112,12 @@ def test_export_is_cached_across_runners_and_backbone_loads(tmp_path):
     assert rt.EXPORTS == before + 2 and len(list((tmp_path / rt.EXPORT_FOLDER).glob("*.onnx"))) == 2
 
 
-def test_auto_measures_once_and_remembers_the_choice(tmp_path, monkeypatch):
+def _runtime_entries(memo_file) -> list[dict]:
+    memo = json.loads(memo_file.read_text()) if memo_file.exists() else {}
+    return [v for k, v in memo.items() if k.startswith("runtime|")]
+
+
+def test_auto_measures_once_and_remembers_the_choice(tmp_path, monkeypatch, machine_tuning_memo):
     from probe import tuning
 
     speed = {"eager": 10.0, "onnxruntime": 20.0, "openvino": 30.0}
@@ -124,22 +129,22 @@ def test_auto_measures_once_and_remembers_the_choice(tmp_path, monkeypatch):
     runner = rt.make_runner(bb, "auto", "cpu", "float32", tmp_path, batch_size=4)
     assert runner.name == installed[-1]
     assert sorted(calls) == sorted([(n, 4) for n in installed] * rt.ROUNDS)
-    (entry,) = [v for k, v in json.loads((tmp_path / "tuning.json").read_text()).items() if k.startswith("runtime|")]
+    (entry,) = _runtime_entries(machine_tuning_memo)  # per machine, like the batch size
     assert entry["runtime"] == installed[-1] and set(entry["images_per_second"]) == set(installed)
     calls.clear()
-    again = rt.make_runner(load_backbone(TINY), "auto", "cpu", "float32", tmp_path, batch_size=4)
+    again = rt.make_runner(load_backbone(TINY), "auto", "cpu", "float32", tmp_path / "another-cache", batch_size=4)
     assert calls == [] and again.name == installed[-1]
     # Another batch size is another choice; a small run (measure=False) with nothing remembered runs eager.
     assert rt.make_runner(bb, "auto", "cpu", "float32", tmp_path, batch_size=16, measure=False).name == "eager"
     assert calls == []
 
 
-def test_auto_stays_eager_without_a_cache_on_amp_or_on_cuda(tmp_path):
+def test_auto_stays_eager_without_a_cache_on_amp_or_on_cuda(tmp_path, machine_tuning_memo):
     bb = load_backbone(TINY)
     assert rt.make_runner(bb, "auto", "cpu", "float32", None).name == "eager"
     assert rt.make_runner(bb, "auto", "cpu", "bfloat16", tmp_path).name == "eager"
     assert rt.make_runner(bb, "auto", "cuda", "bfloat16", tmp_path).name == "eager"  # no CUDA needed to decide
-    assert not (tmp_path / "tuning.json").exists()
+    assert not machine_tuning_memo.exists() and not (tmp_path / rt.EXPORT_FOLDER).exists()
 
 
 def test_explicit_runtime_errors_are_one_line(monkeypatch):
@@ -189,12 +194,11 @@ def test_unexportable_backbone_falls_back_to_eager_with_one_warning(runtime, tmp
     assert rt.make_runner(bb, runtime, "cpu", "float32", tmp_path).name == "eager" and rt.EXPORTS == before
 
 
-def test_auto_on_an_unexportable_backbone_remembers_eager(tmp_path, caplog):
+def test_auto_on_an_unexportable_backbone_remembers_eager(tmp_path, caplog, machine_tuning_memo):
     bb = _unexportable()
     with caplog.at_level(logging.WARNING, logger="probe"):
         assert rt.make_runner(bb, "auto", "cpu", "float32", tmp_path).name == "eager"
-    memo = json.loads((tmp_path / "tuning.json").read_text())
-    assert [v["runtime"] for k, v in memo.items() if k.startswith("runtime|")] == ["eager"]
+    assert [e["runtime"] for e in _runtime_entries(machine_tuning_memo)] == ["eager"]
 
 
 @pytest.mark.parametrize("runtime", COMPILED)
@@ -234,19 +238,19 @@ def test_space_filled_by_two_runtimes_verifies_clean(runtime, tmp_path):
     _assert_close(topped.features[6:], fresh.features)
 
 
-def test_small_auto_run_is_eager_and_a_large_one_measures(tmp_path, monkeypatch):
-    from probe import tuning
+def test_small_auto_run_is_eager_and_a_large_one_measures(tmp_path, monkeypatch, machine_tuning_memo):
+    from probe import engine, tuning
 
+    monkeypatch.setattr(engine, "RUNTIME_MIN_INPUTS", 64)
     monkeypatch.setattr(tuning, "measure_throughput", lambda runner, bs, size: 100.0 if runner.name == "eager" else 1.0)
     folder = make_image_folder(tmp_path / "imgs", per_class=24)  # 72 inputs: 67 new ones are enough to measure
     records = resolve(folder)
     ex = Extractor(TINY, tmp_path / "cache", batch_size=8, **CPU)
     small = ex.extract(records[:5])
-    assert small.stats.runtime == "eager" and not (tmp_path / "cache" / "tuning.json").exists()
+    assert small.stats.runtime == "eager" and _runtime_entries(machine_tuning_memo) == []
     large = ex.extract(records)
     assert large.stats.runtime == "eager"  # measured fastest by the patched measurement
-    memo = json.loads((tmp_path / "cache" / "tuning.json").read_text())
-    assert [v["runtime"] for k, v in memo.items() if k.startswith("runtime|")] == ["eager"]
+    assert [e["runtime"] for e in _runtime_entries(machine_tuning_memo)] == ["eager"]
 
 
 @pytest.mark.parametrize("runtime", COMPILED)
