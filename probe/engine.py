@@ -40,6 +40,7 @@ from .loader import iter_batches
 from .preprocess import Preprocess
 from .space import FeatureSpace
 from .sources import MEMO_FILE, HashMemo, Record, hash_files, resolve
+from .tuning import TUNING_FILE
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,10 @@ def make_options(backbone: str | Backbone | ExtractOptions = DEFAULT_BACKBONE, c
 DEFAULT_CPU_BATCH = 8
 DEFAULT_CUDA_BATCH = 128
 AUTOTUNE_MIN_INPUTS = 2000  # see _choose_batch_size
-# auto's one-off runtime choice (export ~2-3 s + measuring ~3 s for EfficientNet-Lite0 on 2 cores, then remembered
-# per machine) costs about what eager extracts of 250-300 images, and saves ~2/3 of every later batch.
-RUNTIME_MIN_INPUTS = 256
-TUNING_FILE = "tuning.json"
+#: ``runtime="auto"`` measures the installed runtimes (once per machine, remembered) only for a job at least this
+#: large: the one-off export + measurement costs a few seconds, about what EfficientNet-Lite0 at ~60 img/s eager vs
+#: ~200 img/s compiled saves over 200 images on a 2-core CPU. Smaller jobs use a remembered choice, else eager.
+RUNTIME_MIN_INPUTS = 200
 
 
 # -- the data side -------------------------------------------------------------------------------------------
@@ -296,8 +297,7 @@ class Extractor:
         return keys, failures
 
     def _choose_runner(self, n: int):
-        """The runner, made once per Extractor. ``auto`` uses the choice this machine remembers, else measures
-        (runs with at least RUNTIME_MIN_INPUTS inputs to compute and writing allowed) or runs eager."""
+        """The runner, made once (``auto`` measures once per machine; a small run does not measure)."""
         if self._runner is not None:
             return self._runner
         from .runtime import make_runner
@@ -305,11 +305,10 @@ class Extractor:
         # Like the hash memo, write=False creates no cache folder: exports and choices need an existing one.
         root = self.cache.root if self.cache is not None and (self.write or self.cache.root.exists()) else None
         default = DEFAULT_CUDA_BATCH if self.device.type == "cuda" else DEFAULT_CPU_BATCH
-        measure = n >= RUNTIME_MIN_INPUTS and self.write
         runner = make_runner(self.backbone, self.runtime, self.device, self.precision, root,
-                             batch_size=self.batch_size or default, measure=measure)
-        if not (self.runtime == "auto" and not measure and runner.name == "eager"):
-            self._runner = runner  # eager without measuring is provisional: a larger run may still measure
+                             batch_size=self.batch_size or default, measure=n >= RUNTIME_MIN_INPUTS)
+        if not (self.runtime == "auto" and n < RUNTIME_MIN_INPUTS and runner.name == "eager"):
+            self._runner = runner  # a small run's eager is provisional: a large one may still measure
         return runner
 
     def _choose_batch_size(self, n: int, runner) -> int:
@@ -324,16 +323,16 @@ class Extractor:
         # amortize it (AUTOTUNE_MIN_INPUTS); smaller ones use what this machine remembers, or the default.
         legacy = [self.cache.root / TUNING_FILE] if self.cache is not None else []
         if n < AUTOTUNE_MIN_INPUTS or not self.write:
-            return remembered_batch_size(self.backbone, self.device, self.precision, legacy, runner.name) or default
-        return tuned_batch_size(self.backbone, self.device, self.precision, None, default, also=legacy, runner=runner)
+            return remembered_batch_size(self.backbone, self.device, self.precision, legacy, runner) or default
+        return tuned_batch_size(self.backbone, self.device, self.precision, None, default, runner, also=legacy)
 
     def _run_model(self, todo: list[int], records: list[Record], keys: list[str | None], stats: ExtractStats,
                    memory: dict[str, np.ndarray]):
         t = time.perf_counter()
         runner = self._choose_runner(len(todo))
         bs = self._choose_batch_size(len(todo), runner)
-        # One-off: export (once per cache), runtime choice and batch size (once per machine, tuning.memo_file()),
-        # building the runner (once per process).
+        # One-off: export (once per cache), runtime choice and batch size (once per device, in tuning.json), building
+        # the runner (once per process).
         stats.seconds["tune"] = time.perf_counter() - t
         stats.batch_size = bs
         stats.runtime = runner.name

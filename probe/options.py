@@ -34,8 +34,8 @@ class ExtractOptions:
     ``reduced``; None: the backbone's default) and (through ``amp`` and ``device``) the compute precision decide
     the feature space; the rest decide only speed and where rows go: ``cache`` (None: no cache),
     ``write`` (False: read the cache, keep new features in memory), ``batch_size`` (None: tuned per device),
-    ``workers`` (loader processes; None: by device), ``threads`` (decode threads, 0: decode in the calling thread; None: measured default),
-    ``max_pixels`` (decompression-bomb limit), ``segment_rows`` (rows per cache
+    ``workers`` (loader processes; None: by device), ``threads`` (decode threads, 0: decode in the calling
+    thread; None: measured default), ``max_pixels`` (decompression-bomb limit), ``segment_rows`` (rows per cache
     segment), ``progress`` (None: a bar on a terminal only), ``runtime`` (what runs the backbone: auto, eager,
     onnxruntime, openvino; see :mod:`probe.runtime`).
     """

@@ -8,8 +8,8 @@
 * ``onnxruntime``  the backbone exported to ONNX (opset 17, dynamic batch) run by ONNX Runtime's CPU provider.
 * ``openvino``     the same ONNX file compiled by OpenVINO for the CPU (PERFORMANCE_HINT=LATENCY, f32).
 * ``auto``         on a CPU in float32: the fastest of those installed for (backbone, layer, pooling, input size,
-                   threads, batch size), measured once (best of interleaved rounds) and remembered in the
-                   per-machine tuning memo; eager everywhere else (CUDA keeps eager + AMP: the installed runtimes run on the CPU).
+                   threads, batch size), measured once (best of interleaved rounds) and remembered in the tuning
+                   memo; eager everywhere else (CUDA keeps eager + AMP: the installed runtimes run on the CPU).
 
 The export covers what ``Backbone.features`` computes, ``layer`` and ``pooling`` included, and is kept in
 ``<cache>/runtimes/<key>.onnx`` keyed by the weights sha256, backbone, layer, pooling, input size, opset and torch
@@ -325,8 +325,8 @@ def make_runner(backbone: Backbone, runtime: str = "auto", device: torch.device 
     An explicit compiled runtime needs its package (else a ProbeError with the install hint), the CPU and float32;
     a failed export or a result unequal to eager falls back to eager with one warning. ``auto`` measures the
     installed runtimes once per (backbone, layer, pooling, input size, threads, batch size) and remembers the
-    fastest in the per-machine tuning memo (the export goes under ``cache_root``); with ``measure=False`` (a
-    small run) and nothing remembered yet, or without a cache folder, it runs eager."""
+    fastest in the tuning memo under ``cache_root``; with ``measure=False`` (a small run) and nothing remembered
+    yet, or without a cache folder, it runs eager."""
     device = torch.device(device)
     check_runtime(runtime, device, precision)
     if runtime == "eager":
@@ -441,12 +441,12 @@ def _export_folder(cache_root):
         yield Path(tmp)  # ONNX Runtime and OpenVINO hold the model in memory once loaded
 
 
-# -- the memo of auto's choices (the per-machine batch-size tuning memo) -------------------------------------
+# -- the memo of auto's choices (shared with the batch-size tuning) ------------------------------------------
 
 
 def memo_path(cache_root: str | os.PathLike | None = None) -> Path:
-    """Where auto's choices are remembered: the per-machine batch-size tuning memo (a machine property, like the
-    batch size; ``cache_root`` is not used for it)."""
+    """Where auto's choices are remembered: the per-machine tuning memo (``cache_root`` is not used: the choice
+    depends on the machine, not on the cache folder)."""
     from .tuning import memo_file
 
     return memo_file()

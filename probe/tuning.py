@@ -1,11 +1,11 @@
 """Batch-size auto-tuning: time the runner's forward pass at a few batch sizes on this device, keep the fastest.
 
 GPU-style batch sizes are wrong on a CPU (measured: EfficientNet-Lite0 on 2 cores ran faster at batch 4-16 than
-at 32), so the choice is made per (backbone, device, threads, precision, torch version) and remembered per
-machine in a user-level file (:func:`memo_file`: the platform's user cache folder, e.g. ``~/.cache/probe/
-tuning.json``), shared by every cache folder: the few seconds of tuning are paid once per machine, not once per
-cache folder. A ``tuning.json`` inside a cache folder (where earlier versions kept the memo) is still read.
-The same memo remembers which inference runtime ``--runtime auto`` measured fastest (probe/runtime.py).
+at 32), so the choice is made per (backbone, device, threads, precision, torch version, runtime) and remembered
+per machine in a user-level file (:func:`memo_file`: the platform's user cache folder, e.g.
+``~/.cache/probe/tuning.json``), shared by every cache folder: the few seconds of tuning are paid once per
+machine, not once per cache folder. The runtime choice (probe/runtime.py) is remembered in the same memo. A
+``tuning.json`` inside a cache folder (where earlier versions kept the memo) is still read.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from .backbones import Backbone
+from .errors import ProbeError
 from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 #: Environment variables naming the per-machine memo: the file itself, or a folder that holds ``tuning.json``.
 ENV_FILE = "PROBE_TUNING_FILE"
 ENV_HOME = "PROBE_HOME"
-MEMO_NAME = "tuning.json"
+MEMO_NAME = TUNING_FILE = "tuning.json"  # also the name of the older per-cache-folder memo
 
 CPU_CANDIDATES = (1, 4, 8, 16, 32)
 CUDA_CANDIDATES = (32, 64, 128, 256)
@@ -68,15 +69,8 @@ def memo_file() -> Path:
     return Path(platformdirs.user_cache_dir("probe")) / MEMO_NAME
 
 
-def memo_key(backbone: Backbone, device: torch.device, precision: str, runtime: str = "eager") -> str:
-    """The batch size's key; a compiled runtime's choice is its own entry (eager keeps the original form)."""
-    parts = [backbone.name, backbone.layer, str(backbone.preprocess.crop), str(device), precision,
-             str(torch.get_num_threads()), torch.__version__]
-    return "|".join(parts + ([runtime] if runtime != "eager" else []))
-
-
 def read_memo(path: str | os.PathLike) -> dict:
-    """A memo file's entries; empty when missing or unreadable."""
+    """A tuning memo (batch sizes and runtime choices); empty when missing or unreadable."""
     try:
         memo = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -85,24 +79,31 @@ def read_memo(path: str | os.PathLike) -> dict:
 
 
 def update_memo(path: str | os.PathLike, key: str, value: dict) -> None:
-    """Remember ``value`` under ``key``: re-read (another process may have added entries), update, replace
-    atomically. A memo that cannot be written only costs measuring again next time."""
+    """Remember ``value`` under ``key`` (re-read, update, atomic replace). A memo that cannot be written (a
+    read-only home) is logged, not raised: it only costs measuring again next time."""
     path = Path(path)
-    memo = read_memo(path)
+    memo = read_memo(path)  # re-read: another process may have added entries meanwhile
     memo[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(memo, indent=2))
-    except OSError as e:
-        log.warning("cannot remember %s in %s (%s)", key.split("|")[0], path, e)
+    except (OSError, ProbeError) as e:  # ProbeError: atomic_path refused the target or the folder
+        log.warning("cannot remember the choice in %s (%s)", path, e)
+
+
+def memo_key(backbone: Backbone, device: torch.device, precision: str, runtime: str = "eager") -> str:
+    return "|".join(
+        [backbone.name, backbone.layer, str(backbone.preprocess.crop), str(device), precision,
+         str(torch.get_num_threads()), torch.__version__, runtime]
+    )
 
 
 def remembered_batch_size(backbone: Backbone, device: torch.device, precision: str,
-                          also: Sequence[str | os.PathLike] = (), runtime: str = "eager") -> int | None:
+                          also: Sequence[str | os.PathLike] = (), runner=None) -> int | None:
     """The batch size remembered for this (backbone, device, threads, precision, torch, runtime) in the
-    per-machine memo, or else in one of the ``also`` memos (a cache folder's ``tuning.json``, where earlier
-    versions kept it)."""
-    return _remembered(memo_key(backbone, device, precision, runtime), [memo_file(), *map(Path, also)])
+    per-machine memo, or else in one of the ``also`` memos (a cache folder's ``tuning.json``)."""
+    key = memo_key(backbone, device, precision, runner.name if runner is not None else "eager")
+    return _remembered(key, [memo_file(), *map(Path, also)])
 
 
 def _remembered(key: str, paths: Sequence[Path]) -> int | None:
@@ -114,11 +115,10 @@ def _remembered(key: str, paths: Sequence[Path]) -> int | None:
 
 
 def tuned_batch_size(backbone: Backbone, device: torch.device, precision: str,
-                     memo_path: str | os.PathLike | None, default: int,
-                     also: Sequence[str | os.PathLike] = (), runner=None) -> int:
-    """The remembered batch size for ``runner`` (default: eager PyTorch), or tune now and remember it.
-    ``memo_path`` None: the per-machine memo (:func:`memo_file`), also reading ``also``; a path: that file only
-    (a fresh one tunes again)."""
+                     memo_path: str | os.PathLike | None, default: int, runner=None,
+                     also: Sequence[str | os.PathLike] = ()) -> int:
+    """The fastest batch size for ``runner`` (default: eager PyTorch): remembered, or measured now and remembered.
+    ``memo_path`` None: the per-machine memo (:func:`memo_file`), also reading ``also``; a path: that file only."""
     if runner is None:
         from .runtime import EagerRunner
 
@@ -128,7 +128,6 @@ def tuned_batch_size(backbone: Backbone, device: torch.device, precision: str,
     found = _remembered(key, paths)
     if found is not None:
         return found
-    memo_path = paths[0]
     candidates = list(CUDA_CANDIDATES if device.type == "cuda" else CPU_CANDIDATES)
     rates: dict[int, float] = {}
     # Interleaved rounds, best rate per candidate: interference from other processes only ever slows a
@@ -146,5 +145,5 @@ def tuned_batch_size(backbone: Backbone, device: torch.device, precision: str,
     best = max(rates, key=rates.get)
     log.info("batch-size tuning for %s (%s) on %s: %s -> %d", backbone.name, runner.name, device,
              {k: round(v, 1) for k, v in rates.items()}, best)
-    update_memo(memo_path, key, {"batch_size": best, "images_per_second": {str(k): v for k, v in rates.items()}})
+    update_memo(paths[0], key, {"batch_size": best, "images_per_second": {str(k): v for k, v in rates.items()}})
     return best

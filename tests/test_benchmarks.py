@@ -43,8 +43,7 @@ def _snapshot(folder: Path) -> dict:
 
 def _run(args, env=None, timeout=300):
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT),
-                                                **(env or {})})
+                          timeout=timeout, env=subprocess_env(PYTHONUNBUFFERED="1", **(env or {})))  # this checkout
 
 
 def _rows(path: Path) -> list[dict]:

@@ -443,7 +443,7 @@ def test_batch_size_autotuning_is_remembered_per_machine(tmp_path, monkeypatch, 
 
     calls = _fake_tuning(monkeypatch)
     folder = make_image_folder(tmp_path / "imgs", per_class=22)  # 66 inputs: enough to tune (threshold 64)
-    fs = extract(folder, TINY, tmp_path / "cache", runtime="eager", **CPU)
+    fs = extract(folder, TINY, tmp_path / "cache", **CPU)
     assert fs.stats.batch_size == 16 and calls == list(tuning.CPU_CANDIDATES) * tuning.ROUNDS
     assert tuning.memo_file() == machine_tuning_memo
     (entry,) = json.loads(machine_tuning_memo.read_text()).values()
@@ -452,7 +452,7 @@ def test_batch_size_autotuning_is_remembered_per_machine(tmp_path, monkeypatch, 
     calls.clear()
     # A second, empty cache folder on the same machine: no tuning run there.
     more = make_image_folder(tmp_path / "more", per_class=22, seed=50_000)
-    fs = extract(more, TINY, tmp_path / "other-cache", runtime="eager", **CPU)
+    fs = extract(more, TINY, tmp_path / "other-cache", **CPU)
     assert calls == [] and fs.stats.batch_size == 16 and fs.stats.new == 66
     assert fs.stats.seconds["tune"] < 1.0
     few = extract(folder, TINY, tmp_path / "cache", write=False, **CPU)

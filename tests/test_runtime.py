@@ -112,11 +112,6 @@ def test_export_is_cached_across_runners_and_backbone_loads(tmp_path):
     assert rt.EXPORTS == before + 2 and len(list((tmp_path / rt.EXPORT_FOLDER).glob("*.onnx"))) == 2
 
 
-def _runtime_entries(memo_file) -> list[dict]:
-    memo = json.loads(memo_file.read_text()) if memo_file.exists() else {}
-    return [v for k, v in memo.items() if k.startswith("runtime|")]
-
-
 def test_auto_measures_once_and_remembers_the_choice(tmp_path, monkeypatch, machine_tuning_memo):
     from probe import tuning
 
@@ -129,11 +124,14 @@ def test_auto_measures_once_and_remembers_the_choice(tmp_path, monkeypatch, mach
     runner = rt.make_runner(bb, "auto", "cpu", "float32", tmp_path, batch_size=4)
     assert runner.name == installed[-1]
     assert sorted(calls) == sorted([(n, 4) for n in installed] * rt.ROUNDS)
-    (entry,) = _runtime_entries(machine_tuning_memo)  # per machine, like the batch size
+    (entry,) = [v for k, v in json.loads(machine_tuning_memo.read_text()).items() if k.startswith("runtime|")]
     assert entry["runtime"] == installed[-1] and set(entry["images_per_second"]) == set(installed)
     calls.clear()
-    again = rt.make_runner(load_backbone(TINY), "auto", "cpu", "float32", tmp_path / "another-cache", batch_size=4)
+    again = rt.make_runner(load_backbone(TINY), "auto", "cpu", "float32", tmp_path, batch_size=4)
     assert calls == [] and again.name == installed[-1]
+    # The choice is per machine: another cache folder reuses it without measuring.
+    other = rt.make_runner(load_backbone(TINY), "auto", "cpu", "float32", tmp_path / "other", batch_size=4)
+    assert calls == [] and other.name == installed[-1]
     # Another batch size is another choice; a small run (measure=False) with nothing remembered runs eager.
     assert rt.make_runner(bb, "auto", "cpu", "float32", tmp_path, batch_size=16, measure=False).name == "eager"
     assert calls == []
@@ -144,7 +142,7 @@ def test_auto_stays_eager_without_a_cache_on_amp_or_on_cuda(tmp_path, machine_tu
     assert rt.make_runner(bb, "auto", "cpu", "float32", None).name == "eager"
     assert rt.make_runner(bb, "auto", "cpu", "bfloat16", tmp_path).name == "eager"
     assert rt.make_runner(bb, "auto", "cuda", "bfloat16", tmp_path).name == "eager"  # no CUDA needed to decide
-    assert not machine_tuning_memo.exists() and not (tmp_path / rt.EXPORT_FOLDER).exists()
+    assert not machine_tuning_memo.exists()  # nothing was measured
 
 
 def test_explicit_runtime_errors_are_one_line(monkeypatch):
@@ -198,7 +196,8 @@ def test_auto_on_an_unexportable_backbone_remembers_eager(tmp_path, caplog, mach
     bb = _unexportable()
     with caplog.at_level(logging.WARNING, logger="probe"):
         assert rt.make_runner(bb, "auto", "cpu", "float32", tmp_path).name == "eager"
-    assert [e["runtime"] for e in _runtime_entries(machine_tuning_memo)] == ["eager"]
+    memo = json.loads(machine_tuning_memo.read_text())
+    assert [v["runtime"] for k, v in memo.items() if k.startswith("runtime|")] == ["eager"]
 
 
 @pytest.mark.parametrize("runtime", COMPILED)
@@ -247,10 +246,11 @@ def test_small_auto_run_is_eager_and_a_large_one_measures(tmp_path, monkeypatch,
     records = resolve(folder)
     ex = Extractor(TINY, tmp_path / "cache", batch_size=8, **CPU)
     small = ex.extract(records[:5])
-    assert small.stats.runtime == "eager" and _runtime_entries(machine_tuning_memo) == []
+    assert small.stats.runtime == "eager" and not machine_tuning_memo.exists()
     large = ex.extract(records)
     assert large.stats.runtime == "eager"  # measured fastest by the patched measurement
-    assert [e["runtime"] for e in _runtime_entries(machine_tuning_memo)] == ["eager"]
+    memo = json.loads(machine_tuning_memo.read_text())
+    assert [v["runtime"] for k, v in memo.items() if k.startswith("runtime|")] == ["eager"]
 
 
 @pytest.mark.parametrize("runtime", COMPILED)
