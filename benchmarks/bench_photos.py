@@ -13,6 +13,7 @@ colour noise, hard-edged shapes and pen-like strokes, so the JPEG carries high f
   (same batch size and threads), measured right before each extraction so that each ratio compares two runs
   seconds apart (other load on a shared machine drifts over minutes): the claim is the median ratio of probe's
   default setting. Target: >= 0.8.
+* the real photos a dependency ships (scikit-learn's two 640x427 sample JPEGs): exact vs reduced, the same way;
 * CPU time per image of decoding and of the forward pass in one torch thread (``time.thread_time``, robust to
   other load on the machine): when decoding and the model share the CPU cores, no pipeline can beat
   ``model / (model + decode)`` of the forward-only rate (the ``bound`` row), however it overlaps the two.
@@ -21,6 +22,7 @@ colour noise, hard-edged shapes and pen-like strokes, so the JPEG carries high f
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -83,6 +85,13 @@ def photo_files(cfg: h.Config, n: int) -> list[str]:
             tmp.replace(path)
         paths.append(str(path))
     return paths
+
+
+def shipped_photos() -> list[str]:
+    """Real photos that an installed dependency ships: scikit-learn's sample images (china.jpg, flower.jpg)."""
+    import sklearn.datasets
+
+    return sorted(str(p) for p in (Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))
 
 
 # -- measurements --------------------------------------------------------------------------------------------
@@ -199,6 +208,15 @@ def run(cfg: h.Config) -> None:
                          **h.stats_columns(fs.stats)})
             h.log.info("photos rep %d: %s: %.1f img/s (forward %.1f img/s, ratio %.2f)", rep + 1, c["config"],
                        fs.stats.new / wall, pair_ips, fs.stats.new / wall / pair_ips)
+    for path in shipped_photos():
+        from probe.preprocess import decode_image
+
+        a, b = exact.preprocess.load(path), reduced.preprocess.load(path)
+        size = decode_image(path, min_side=reduced.preprocess.min_decode_side).size
+        rows.append({"measure": "shipped", "backbone": str(ref), "config": Path(path).name, "decode": "reduced",
+                     "rep": "median", "images": 1, "decoded_size": f"{size[0]}x{size[1]}",
+                     "max_abs": int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max()),
+                     "mean_abs": float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())})
     # How far reduced decoding is from exact (deterministic: the last pass's crops).
     diff = [np.abs(a.astype(np.int16) - b.astype(np.int16)) for a, b in zip(crops["exact"], crops["reduced"])]
     fe, fr = _features(exact, crops["exact"]), _features(reduced, crops["reduced"])
@@ -206,7 +224,7 @@ def run(cfg: h.Config) -> None:
     tolerance = {"max_abs": int(max(d.max() for d in diff)), "mean_abs": float(np.mean([d.mean() for d in diff])),
                  "min_cosine": float(cos.min())}
     summary = []
-    for key in dict.fromkeys((r["measure"], r["config"]) for r in rows):
+    for key in dict.fromkeys((r["measure"], r["config"]) for r in rows if r["measure"] != "shipped"):
         group = [r for r in rows if (r["measure"], r["config"]) == key]
         row = {k: h.median(r[k] for r in group) for k in group[0]
                if isinstance(group[0][k], (int, float)) and not isinstance(group[0][k], bool)}
@@ -218,7 +236,8 @@ def run(cfg: h.Config) -> None:
     for row in summary:
         if row["measure"] == "extract" and row.get("default"):
             row.update(target=TARGET, met=row["ratio"] >= TARGET)
-    h.write_rows(cfg, NAME, rows + summary)
+    h.write_rows(cfg, NAME, [r for r in rows if r["measure"] != "shipped"] + summary
+                 + [r for r in rows if r["measure"] == "shipped"])
 
 
 def section(results: dict) -> tuple[str, list[dict]]:
@@ -226,6 +245,7 @@ def section(results: dict) -> tuple[str, list[dict]]:
     dec = {r["decode"]: r for r in rows if r["measure"] == "decode"}
     fwd = next((r for r in rows if r["measure"] == "forward"), {})
     bound = next((r for r in rows if r["measure"] == "bound"), {})
+    shipped = [r for r in rows if r["measure"] == "shipped"]
     ext = [r for r in rows if r["measure"] == "extract"]
     first = rows[0] if rows else {}
     decode_table = [{"decode": k, "ms/img (1 thread)": h.fmt(r["ms_per_image"]),
@@ -246,6 +266,11 @@ def section(results: dict) -> tuple[str, list[dict]]:
         f"Reduced vs exact: max abs difference {red.get('max_abs', '?')}/255 and mean "
         f"{h.fmt(red.get('mean_abs'), 2)}/255 on the uint8 crops; minimum feature cosine "
         f"{h.fmt(red.get('min_cosine'), 4)}.",
+        "",
+        "Real photos shipped by scikit-learn, decoded reduced: " + ("; ".join(
+            f"{r['config']} decoded at {r['decoded_size']}, max abs difference {r['max_abs']}/255 from exact"
+            for r in shipped) or "none found") + " (a JPEG is only reduced when its shorter side is at least 4x the "
+        "resize, e.g. 896 px for 224).",
         "",
         f"`probe.extract` into a fresh cache vs the forward pass alone on the same images preloaded as tensors, "
         f"measured just before each extraction (batch {fwd.get('batch_size', '?')}, {fwd.get('torch_threads', '?')} "

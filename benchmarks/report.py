@@ -18,14 +18,17 @@ import bench_handloop
 import bench_incremental
 import bench_memory
 import bench_photos
+import bench_ray
 import bench_refit
 import bench_runtime
+import bench_serve
+import bench_shift
 import bench_sweep
 import bench_throughput
 import harness as h
 
 BENCHMARKS = (bench_throughput, bench_handloop, bench_refit, bench_incremental, bench_sweep, bench_accuracy,
-              bench_memory, bench_photos, bench_runtime)
+              bench_memory, bench_photos, bench_runtime, bench_ray, bench_shift, bench_serve)
 RUN_FILE = "run.json"
 PLOT = "throughput_vs_batch.png"
 #: The project README's results table lives between these markers and is rewritten from the result files.

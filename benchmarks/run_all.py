@@ -28,8 +28,11 @@ import bench_handloop
 import bench_incremental
 import bench_memory
 import bench_photos
+import bench_ray
 import bench_refit
 import bench_runtime
+import bench_serve
+import bench_shift
 import bench_sweep
 import bench_throughput
 import harness as h
@@ -37,7 +40,7 @@ import report
 
 # refit first: its cold run fills the shared cache that sweep, accuracy and memory read.
 ORDER = (bench_refit, bench_sweep, bench_accuracy, bench_memory, bench_throughput, bench_handloop, bench_incremental,
-         bench_photos, bench_runtime)
+         bench_photos, bench_runtime, bench_ray, bench_shift, bench_serve)
 
 log = logging.getLogger("benchmarks")
 

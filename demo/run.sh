@@ -19,14 +19,21 @@ PYEOF
 echo; echo "== probe extract (EfficientNet-Lite0; a second run of this demo is all cache hits)"
 $PROBE extract "$DEMO/train" "$DEMO/test" --cache "$CACHE"
 
-echo; echo "== probe fit --clf logreg (C chosen on a 10% validation split, then refit on train+val)"
-$PROBE fit "$DEMO/train" --clf logreg --cache "$CACHE" -o "$DEMO/model/model.probe"
+echo; echo "== probe fit --clf logreg (C chosen on a 10% validation split, then refit on train+val), registered"
+$PROBE fit "$DEMO/train" --clf logreg --cache "$CACHE" -o "$DEMO/model/model.probe" \
+  --register fashion --registry "$DEMO/models"
+$PROBE models list --registry "$DEMO/models"
 
 echo; echo "== probe evaluate on the held-out test files"
 $PROBE evaluate "$DEMO/model/model.probe" "$DEMO/test" --cache "$CACHE" -o "$DEMO/model/test-report"
 
 echo; echo "== for context: logistic regression on raw pixels, same train/test files"
 $PY demo/pixel_baseline.py "$DEMO/train" "$DEMO/test"
+
+echo; echo "== probe drift: the test files against the champion's training inputs (features from the cache)"
+status=0; $PROBE drift --model fashion --registry "$DEMO/models" "$DEMO/test" --cache "$CACHE" || status=$?
+echo "(probe drift exit status $status: 0 = no drift, 3 = drift)"
+[ "$status" -eq 0 ] || [ "$status" -eq 3 ]
 
 echo; echo "== probe predict on held-out files (first rows)"
 $PROBE predict "$DEMO/model/model.probe" "$DEMO/test" --cache "$CACHE" --top-k 3 -o "$DEMO/predictions.csv"

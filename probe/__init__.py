@@ -26,6 +26,9 @@ _EXPORTS = {
     "ProbeModel": "probe.model",
     "predict": "probe.prediction",
     "FeatureExtractor": "probe.sklearn",
+    "RayExtractor": "probe.distributed",
+    "extract_ray": "probe.distributed",
+    "predict_ray": "probe.batch_scoring",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

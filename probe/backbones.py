@@ -14,6 +14,7 @@ any named submodule instead, reduced by ``pooling`` (avg, max, cls, flatten).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import io
@@ -39,9 +40,10 @@ log = logging.getLogger(__name__)
 _TRANSFORMER_PREFIXES = ("vit", "swin", "maxvit")
 
 #: JPEG decoding of the pretrained backbones (efficientnet-lite0, tv:*): reduced-scale (libjpeg DCT scaling to a
-#: shorter side >= 2x the resize). Measured on 3000x2000 quality-90 textured JPEGs (benchmarks/bench_photos.py):
-#: 4-6x less decode time, uint8 crops within a mean absolute difference of ~0.4/255 of exact decoding and
-#: EfficientNet-Lite0 features at cosine >= 0.998 (about what re-encoding the JPEG at quality 85 changes).
+#: shorter side >= 2x the resize). Measured on 48 3000x2000 quality-90 textured JPEGs (benchmarks/bench_photos.py,
+#: preliminary, on a busy 2-core machine): 2.5-6x less decode + resize time, uint8 crops within a mean absolute
+#: difference of 0.39/255 (max 20/255) of exact decoding, EfficientNet-Lite0 features at cosine >= 0.995 (on 6 of
+#: them: >= 0.998, about what re-encoding the JPEG at quality 85 changes, 0.9993).
 #: test:tiny-cnn keeps exact decoding. Overridable per run (Extractor(decode=...), --decode).
 DEFAULT_DECODE = "reduced"
 
@@ -72,6 +74,13 @@ class Backbone:
             dtype=dtype,
             precision=precision,
         )
+
+    def with_decode(self, decode: str | None) -> "Backbone":
+        """This backbone with JPEG decoding ``decode`` ("exact" / "reduced"; None keeps its default). The decode
+        method is part of the preprocess, so another one is another feature space."""
+        if decode is None or decode == self.preprocess.decode:
+            return self
+        return dataclasses.replace(self, preprocess=dataclasses.replace(self.preprocess, decode=decode))
 
     def to(self, device: torch.device | str) -> "Backbone":
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format

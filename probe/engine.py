@@ -14,7 +14,6 @@ when asked.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import os
@@ -33,8 +32,8 @@ from tqdm.auto import tqdm
 from .backbones import Backbone, load_backbone
 from .cache import SPACE_FILE, FeatureCache, FeatureStore, SpaceNotFoundError
 from .defaults import DEFAULT_BACKBONE
-from .errors import ProbeError, StrictModeError
-from .featureset import ExtractStats, Failure, FeatureSet
+from .errors import ProbeError
+from .featureset import ExtractStats, Failure, FeatureSet, assemble, record_name
 from .options import ExtractOptions
 from .loader import iter_batches
 from .preprocess import Preprocess
@@ -160,10 +159,8 @@ class Extractor:
         self.precision = resolve_precision(opts.amp, self.device)
         self.runtime = check_runtime(opts.runtime, self.device, self.precision)
         self._runner = None
-        self.backbone = loaded or load_backbone(opts.backbone, opts.weights, opts.layer, opts.pooling)
-        if opts.decode is not None and opts.decode != self.backbone.preprocess.decode:  # a separate space
-            pre = dataclasses.replace(self.backbone.preprocess, decode=opts.decode)
-            self.backbone = dataclasses.replace(self.backbone, preprocess=pre)
+        self.backbone = (loaded or load_backbone(opts.backbone, opts.weights, opts.layer, opts.pooling)).with_decode(
+            opts.decode)
         self.backbone.to(self.device)
         self.space = self.backbone.feature_space(dtype=opts.dtype, precision=self.precision)
         self.cache = FeatureCache(opts.cache) if opts.cache is not None else None
@@ -234,40 +231,12 @@ class Extractor:
             for i in ok_idx:
                 first.setdefault(keys[i], i)
             bad = self._run_model([first[k] for k in todo], records, keys, stats, memory)
-            failures.extend(Failure(i, _name(records[i]), err) for i, err in bad)
+            failures.extend(Failure(i, record_name(records[i]), err) for i, err in bad)
             bad_keys = {keys[i] for i, _ in bad}
         else:
             bad_keys = set()
-        # Every record sharing a failed key failed too (same bytes).
-        rows = []
-        reported = {f.index for f in failures}
-        for i in ok_idx:
-            if keys[i] in bad_keys:
-                if i not in reported:
-                    failures.append(Failure(i, _name(records[i]), "same bytes as an input that failed to decode"))
-            else:
-                rows.append(i)
-        failures.sort(key=lambda f: f.index)
-        stats.failed = len(failures)
-        stats.seconds["total"] = time.perf_counter() - t_start
-        log.info("extract: %s", stats.summary())
-        fs = FeatureSet(
-            keys=[keys[i] for i in rows],
-            paths=[_name(records[i]) for i in rows],
-            labels=[records[i].label for i in rows],
-            indices=rows,
-            failures=failures,
-            stats=stats,
-            space=self.space,
-            store=self.store,
-            memory=memory,
-        )
-        if strict and failures:
-            raise StrictModeError(
-                f"{len(failures)} of {len(records)} inputs failed (first: {failures[0].error}); "
-                "everything else was extracted and cached"
-            )
-        return fs
+        return assemble(records, keys, failures, bad_keys, stats, self.space, self.store, t_start=t_start,
+                        strict=strict, memory=memory)
 
     # -- steps -------------------------------------------------------------------------------------------
 
@@ -358,12 +327,12 @@ class Extractor:
                     if not np.isfinite(feats).all():
                         rows_bad = ~np.isfinite(feats).all(axis=1)
                         for j in np.flatnonzero(rows_bad):
-                            failed.append((todo[int(idx[j])], f"{_name(records[todo[int(idx[j])]])}: non-finite features"))
+                            failed.append((todo[int(idx[j])], f"{record_name(records[todo[int(idx[j])]])}: non-finite features"))
                         keep = np.flatnonzero(~rows_bad)
                         idx, feats = idx[keep], feats[keep]
                     row_keys = [keys[todo[int(i)]] for i in idx]
                     if writer is not None:
-                        writer.put(row_keys, feats, [_name(records[todo[int(i)]]) for i in idx])
+                        writer.put(row_keys, feats, [record_name(records[todo[int(i)]]) for i in idx])
                     else:
                         memory.update(zip(row_keys, feats))
                     stats.new += len(row_keys)
@@ -446,10 +415,6 @@ def _load_libc():
 
 
 _LIBC = _load_libc()
-
-
-def _name(record: Record) -> str:
-    return "<image>" if isinstance(record.path, Image.Image) else record.path
 
 
 def pace(recent) -> dict[str, str]:

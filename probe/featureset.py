@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache import FeatureStore
-from .errors import ProbeError
+from .errors import ProbeError, StrictModeError
 from .files import atomic_write_text
 from .space import FeatureSpace
 
@@ -107,3 +107,39 @@ def write_run_report(path: str | os.PathLike, fs: FeatureSet) -> Path:
         "failures": [asdict(f) for f in fs.failures],
     }
     return atomic_write_text(path, json.dumps(body, indent=2) + "\n")
+
+
+def record_name(record) -> str:
+    """How an input is named in results and messages: its path, or ``<image>`` for an in-memory image."""
+    return record.path if isinstance(record.path, (str, os.PathLike)) else "<image>"
+
+
+def assemble(records, keys: list, failures: list[Failure], bad_keys: set, stats: ExtractStats, space: FeatureSpace,
+             store: FeatureStore | None, *, t_start: float, strict: bool = False, memory: dict | None = None,
+             engine: str = "extract") -> FeatureSet:
+    """The FeatureSet of a run (local or distributed): every input sharing a failed input's key failed too (same
+    bytes), failures sorted by input, the stats finished; ``strict`` raises StrictModeError after all of that,
+    with everything extracted kept."""
+    import logging
+    import time
+
+    rows, reported = [], {f.index for f in failures}
+    for i, k in enumerate(keys):
+        if k is None:
+            continue
+        if k in bad_keys:
+            if i not in reported:
+                failures.append(Failure(i, record_name(records[i]), "same bytes as an input that failed to decode"))
+        else:
+            rows.append(i)
+    failures.sort(key=lambda f: f.index)
+    stats.failed = len(failures)
+    stats.seconds["total"] = time.perf_counter() - t_start
+    logging.getLogger("probe.engine").info("%s: %s", engine, stats.summary())
+    fs = FeatureSet(keys=[keys[i] for i in rows], paths=[record_name(records[i]) for i in rows],
+                    labels=[records[i].label for i in rows], indices=rows, failures=failures, stats=stats,
+                    space=space, store=store, memory=memory or {})
+    if strict and failures:
+        raise StrictModeError(f"{len(failures)} of {len(records)} inputs failed (first: {failures[0].error}); "
+                              "everything else was extracted and cached")
+    return fs

@@ -6,16 +6,18 @@
 ``(crop, crop, 3)`` array or a one-line failure message naming it; batches keep the input order and cover
 ``batch_size`` consecutive inputs each (failures included), so memory stays flat in the number of inputs.
 
-Threads, not processes, by default. Measured on the 2-core CPU box with EfficientNet-Lite0 eager and 3000x2000
-quality-90 JPEGs (benchmarks/bench_photos.py; preliminary: the box was shared with heavy other load, so wall-clock
-ratios were unstable, CPU times are the solid part): decoding + resizing costs ~13-18 CPU ms per image with
-reduced decoding (~66-72 exact), the forward pass ~38-40 CPU ms per image in one torch thread. Decoding in the
-model's thread adds its whole cost to every batch; one decode thread overlaps it with the forward pass. A second
-decode thread only adds contention on 2 cores (slower than one in every interleaved run), hence
-``DECODE_THREADS = 1`` on small machines. Since decoding and the model share the cores, no pipeline can exceed
-model / (model + decode) ~ 0.7 of the forward-only rate there. Lowering torch's threads by one next to the decode
-thread was faster under the heavy load (torch's OpenMP threads lose their core to the decode thread), but that is
-not measured on a quiet machine and would slow model-bound runs (small PNGs), so torch's threads are left alone.
+Threads, not processes, by default. Measured on the 2-core CPU box with EfficientNet-Lite0 eager and 48 3000x2000
+quality-90 JPEGs (benchmarks/bench_photos.py, 3 interleaved runs; preliminary: the box was shared with heavy
+other load, load average ~10, so wall-clock rates swung 2-5x between runs; CPU times are the solid part):
+decoding + resizing costs ~13-18 CPU ms per image with reduced decoding (43-72 exact), the forward pass ~26-40 CPU
+ms per image in one torch thread. Decoding in the model's thread adds its whole cost to every batch (data wait
+4.1 s of 29 s); one decode thread overlaps it with the forward pass (data wait 0.6 s). Since decoding and the
+model share the cores, no pipeline can exceed model / (model + decode) ~ 0.6-0.7 of the forward-only rate on 2
+cores. A second decode thread did not help on 2 cores (median 1.5 vs 2.9 img/s for one), hence
+``DECODE_THREADS = 1`` on small machines. Lowering torch's threads by one next to the decode thread was 2-8x
+faster in every run under that load (torch's two OpenMP threads stall when the decode thread or another process
+takes one of their cores), but it is not measured on a quiet machine and would slow model-bound runs (small
+PNGs, where the decode thread idles), so torch's threads are left alone: to be measured on a quiet machine.
 Worker *processes* (``workers > 0``, torch's DataLoader) remain the default with CUDA, where many cores feed a
 GPU and the GIL-holding parts of decoding (the Python around Pillow's calls, EXIF handling) could limit threads;
 that case is not measured here (no GPU on this machine).

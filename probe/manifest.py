@@ -20,7 +20,8 @@ MANIFEST = "probe-model.json"
 HEAD_FILES = ("head.skops", "head.joblib")
 MAX_MEMBERS = 16
 #: Largest uncompressed size accepted per member (bytes). A k-NN head over 60k x 1280 float32 features is ~300 MB.
-MAX_BYTES = {MANIFEST: 16 << 20, "train-keys.txt": 512 << 20, "head.skops": 1 << 30, "head.joblib": 1 << 30}
+MAX_BYTES = {MANIFEST: 16 << 20, "train-keys.txt": 512 << 20, "train-set.json": 1 << 30, "head.skops": 1 << 30,
+             "head.joblib": 1 << 30}
 MAX_OTHER_BYTES = 16 << 20
 PRECISIONS = ("float32", "bfloat16", "float16")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

@@ -7,6 +7,10 @@ A ``.probe`` file is a zip archive (written atomically):
                        (digest of training keys + labels, counts), metrics, library versions, creation time
     head.skops         the head, stored with skops (no pickle: loading cannot run arbitrary code)
     train-keys.txt     the training inputs' cache keys (for leakage checks on evaluation data)
+    train-set.json     optional: {"keys": [...], "labels": [...]}, every training row's key and label (so a refit
+                       can reuse the old training set from the feature cache); files without it still load
+
+``load`` also takes a registry reference (``NAME``, ``NAME@champion``, ``NAME@3``; see probe/registry.py).
 
 Heads skops cannot store are written with joblib as ``head.joblib`` and load only with ``trust=True``.
 """
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "probe.model"
 FORMAT_VERSION = 1
+TRAIN_SET = "train-set.json"
 
 #: skops marks some sklearn-internal types in probe's built-in heads as untrusted (calibrated linear-svm / ridge,
 #: the mlp's optimizer); they are plain data holders, so they load without --trust. Anything else needs trust.
@@ -86,7 +91,8 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
 
     Learned state: ``backbone_`` (the feature space record, as saved), ``head_`` (the fitted scikit-learn
     pipeline, usable on cached features via :meth:`predict_proba_features`), ``meta_`` (lineage, metrics, head
-    description) and ``train_keys_`` (the training inputs' cache keys).
+    description), ``train_keys_`` (the training inputs' cache keys) and ``train_set_`` ((keys, labels) of every
+    training row, when known: what a gated refit reuses from the cache).
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, head: str = "logreg", *, cache=DEFAULT_CACHE,
@@ -109,12 +115,14 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
         self.options = options
 
     @classmethod
-    def fitted(cls, backbone: dict, head, meta: dict | None = None, train_keys=None, **params) -> "ProbeModel":
+    def fitted(cls, backbone: dict, head, meta: dict | None = None, train_keys=None, train_set=None,
+               **params) -> "ProbeModel":
         """A fitted model from its learned state (what :func:`load` and :func:`probe.training.fit` build)."""
         model = cls(backbone=backbone["name"], head=(meta or {}).get("head", {}).get("name", "logreg"),
                     weights=backbone.get("weights_path"), layer=backbone.get("layer"), pooling=backbone.get("pooling"),
                     dtype=backbone.get("dtype", "float32"), **params)
         model.backbone_, model.head_, model.meta_, model.train_keys_ = backbone, head, dict(meta or {}), train_keys
+        model.train_set_ = train_set
         return model
 
     # -- sklearn surface ---------------------------------------------------------------------------------
@@ -145,6 +153,7 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
                         value=self.value, seed=self.seed, **opts, **fit_options)
         m = res.model
         self.backbone_, self.head_, self.meta_, self.train_keys_ = m.backbone_, m.head_, m.meta_, m.train_keys_
+        self.train_set_ = m.train_set_
         self.fit_result_ = res
         self.__dict__.pop("_extractor", None)
         return self
@@ -246,6 +255,10 @@ class ProbeModel(ClassifierMixin, BaseEstimator):
             z.writestr(head_name, head_bytes)
             if self.train_keys_ is not None:
                 z.writestr(TRAIN_KEYS, "\n".join(self.train_keys_))
+            train_set = getattr(self, "train_set_", None)
+            if train_set is not None:
+                z.writestr(TRAIN_SET, json.dumps({"keys": list(train_set[0]),
+                                                  "labels": [str(v) for v in train_set[1]]}))
         return path
 
 
@@ -271,12 +284,18 @@ def _space_difference(record: dict, space) -> str:
 
 
 def load(path: str | os.PathLike, *, trust: bool = False, check_versions: bool = True) -> ProbeModel:
-    """Load a ``.probe`` file without executing code from it (unless ``trust=True``).
+    """Load a ``.probe`` file (or a registry reference ``NAME@REF``) without executing code from it (unless
+    ``trust=True``).
 
     Refuses (ModelCompatibilityError) an unknown backbone and a scikit-learn major.minor other than the one the
     head was saved with (``check_versions=False`` overrides). Weights are checked against the recorded sha256
     when the backbone is first used.
     """
+    if isinstance(path, str):
+        from .registry import is_model_ref, load_model
+
+        if is_model_ref(path):  # NAME, NAME@champion, NAME@3: the registry (env PROBE_REGISTRY or models/)
+            return load_model(path, trust=trust, check_versions=check_versions)
     import skops.io as sio
 
     from .backbones import get_spec
@@ -297,8 +316,11 @@ def load(path: str | os.PathLike, *, trust: bool = False, check_versions: bool =
     head_name = manifest["head_file"]
     with zipfile.ZipFile(path) as z:
         head_bytes = read_member(z, path, head_name)
-        keys_bytes = read_member(z, path, TRAIN_KEYS) if TRAIN_KEYS in z.namelist() else None
+        names = set(z.namelist())
+        keys_bytes = read_member(z, path, TRAIN_KEYS) if TRAIN_KEYS in names else None
+        set_bytes = read_member(z, path, TRAIN_SET) if TRAIN_SET in names else None
     train_keys = _train_keys(keys_bytes, path) if keys_bytes is not None else None
+    train_set = _train_set(set_bytes, path) if set_bytes is not None else None
     if head_name.endswith(".joblib"):
         if not trust:
             raise UntrustedModelError(
@@ -326,7 +348,7 @@ def load(path: str | os.PathLike, *, trust: bool = False, check_versions: bool =
     if list(map(str, getattr(head, "classes_", []))) != manifest["classes"]:
         raise ModelFormatError(f"{path}: the head's classes differ from the manifest's 'classes'")
     meta = {k: v for k, v in manifest.items() if k not in ("backbone",)}
-    return ProbeModel.fitted(backbone, head, meta, train_keys)
+    return ProbeModel.fitted(backbone, head, meta, train_keys, train_set)
 
 
 def _train_keys(data: bytes, path: Path) -> list[str]:
@@ -334,6 +356,24 @@ def _train_keys(data: bytes, path: Path) -> list[str]:
         keys = data.decode("ascii").split("\n") if data else []
     except UnicodeDecodeError as e:
         raise ModelFormatError(f"{path}: {TRAIN_KEYS} is not ASCII text") from e
-    if any(len(k) != 64 or not all(c in "0123456789abcdef" for c in k) for k in keys):
+    if any(not _is_key(k) for k in keys):
         raise ModelFormatError(f"{path}: {TRAIN_KEYS} holds a line that is not a sha256 key")
     return keys
+
+
+def _train_set(data: bytes, path: Path) -> tuple[list[str], list[str]]:
+    """train-set.json: {"keys": [sha256, ...], "labels": [str, ...]} of equal length, checked before use."""
+    try:
+        body = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{path}: {TRAIN_SET} is not JSON ({e})") from e
+    keys, labels = (body.get("keys"), body.get("labels")) if isinstance(body, dict) else (None, None)
+    if not (isinstance(keys, list) and isinstance(labels, list) and len(keys) == len(labels)
+            and all(isinstance(k, str) and _is_key(k) for k in keys) and all(isinstance(v, str) for v in labels)):
+        raise ModelFormatError(f"{path}: {TRAIN_SET} must hold 'keys' (sha256 keys) and 'labels' (strings) of equal "
+                               "length")
+    return keys, labels
+
+
+def _is_key(k: str) -> bool:
+    return len(k) == 64 and all(c in "0123456789abcdef" for c in k)

@@ -50,6 +50,13 @@ def predict(model: ProbeModel, inputs: Sequence[Record | str | os.PathLike] | st
     """Predict every input (files, folders, CSVs or records); an undecodable input gets a row with ``error``."""
     records = inputs if isinstance(inputs, list) and all(isinstance(r, Record) for r in inputs) else resolve(inputs)
     fs = model.features(records, cache=cache, write=write, strict=False, **extract_options)
+    return predictions_from_features(model, records, fs, top_k)
+
+
+def predictions_from_features(model: ProbeModel, records: Sequence[Record], fs: FeatureSet,
+                              top_k: int = 5) -> PredictionResult:
+    """One row per record from the FeatureSet of those records (``fs.indices`` / failure indices point into
+    ``records``): the head's top-k classes, or the record's error."""
     proba = model.predict_proba_features(fs.features) if len(fs) else np.zeros((0, len(model.classes_)))
     classes = [str(c) for c in model.classes_]
     k = max(1, min(top_k, len(classes)))

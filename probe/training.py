@@ -213,6 +213,7 @@ def fit(
         cache=ex.options.cache, params=params, standardize=standardize, l2_normalize=l2_normalize,
         val_split=val_split, value=value, seed=seed,
     )
+    model.train_set_ = train_set_rows(all_keys, all_labels)
     report = format_report(metrics, hf.sweep)
     result = FitResult(model, metrics, hf.sweep, leakage, train.stats, val_fs.stats if val_fs else None, report)
     if output is not None:
@@ -267,6 +268,10 @@ def _sources(data) -> list[str]:
     if items and all(isinstance(d, Record) for d in items):
         return [f"{len(items)} inputs given as a list"]
     return [str(d) for d in items]
+def train_set_rows(keys, labels) -> tuple[list[str], list[str]]:
+    """(keys, labels) in order without exact repeats: what a model records so a refit can reuse its training set."""
+    pairs = list(dict.fromkeys((str(k), str(lab)) for k, lab in zip(keys, labels)))
+    return [k for k, _ in pairs], [lab for _, lab in pairs]
 
 
 def _sweep_dict(sweep) -> dict | None:

@@ -33,6 +33,12 @@ COLUMNS = {
                "data_wait_s", "model_s", "max_abs", "mean_abs", "min_cosine"},
     "runtime": {"backbone", "runtime", "rep", "images", "batch_size", "extract_ips", "forward_ips", "ratio", "speedup",
                 "predict_ips", "predict_speedup", "setup_s", "data_wait_s", "model_s"},
+    "ray": {"engine", "images", "wall_s", "start_s", "job_s", "actors", "ips", "crossover", "estimate_wall_h",
+            "decode_s_per_image", "hash_s_per_image"},
+    "shift": {"phase", "item", "statistic", "p_value", "accuracy", "seconds", "ratio", "champion_score",
+              "challenger_score"},
+    "serve": {"backbone", "batching", "rep", "max_batch", "clients", "requests", "failed", "rps", "p50_ms", "p99_ms",
+              "mean_batch", "ratio"},
 }
 TOY = ["--scale", "tiny", "--backbone", TINY, "--speed-backbone", TINY]
 
@@ -74,7 +80,7 @@ def test_run_all_writes_every_result_file(toy_run):
         assert {r["data"] for r in rows} == {"generated"}
     run = json.loads((out / "run.json").read_text())
     assert set(run["benchmarks"]) == {"throughput", "handloop", "refit", "incremental", "sweep", "accuracy", "memory",
-                                      "photos", "runtime"}
+                                      "photos", "runtime", "ray", "shift", "serve"}
     assert not [name for name, s in run["benchmarks"].items() if "error" in s]
 
 
@@ -101,6 +107,22 @@ def test_run_all_rows_are_complete(toy_run):
     assert all(int(r["new"]) == int(r["images"]) == 6 for r in photos if r["measure"] == "extract")
     reduced = next(r for r in medians if r["measure"] == "decode" and r["decode"] == "reduced")
     assert float(reduced["min_cosine"]) > 0.9 and float(reduced["mean_abs"]) < 5
+    ray = _rows(out / "ray.csv")
+    assert [(r["engine"], r["images"]) for r in ray if r["engine"] in ("local", "ray")] == [("local", "8"), ("ray", "8")]
+    assert all(r["new"] == "8" for r in ray if r["engine"] in ("local", "ray"))
+    assert [r["workers"] for r in ray if r["engine"] == "estimate"] == ["1", "8", "64"]
+    assert len([r for r in ray if r["engine"] == "crossover"]) == 1
+    shift = _rows(out / "shift.csv")
+    assert {r["phase"] for r in shift} >= {"drift: no shift", "drift: shift", "gate", "accuracy on shifted test",
+                                           "time", "ratio"}
+    assert {r["item"] for r in shift if r["phase"] == "drift: shift"} == {
+        "mmd", "classifier", "predicted_labels", "confidence"}
+    assert all(0.0 < float(r["p_value"]) <= 1.0 for r in shift if r["phase"].startswith("drift"))
+    assert next(r for r in shift if r["phase"] == "gate")["item"] in ("promoted", "rejected", "no-drift")
+    serve = _rows(out / "serve.csv")
+    assert {(r["batching"], r["clients"]) for r in serve} == {
+        (b, str(c)) for b in ("on", "off", "ratio on / off") for c in (1, 8, 32)}
+    assert all(r["failed"] == "0" and int(r["requests"]) > 0 for r in serve if r["batching"] in ("on", "off"))
 
 
 @pytest.mark.slow
@@ -109,7 +131,8 @@ def test_run_all_builds_readme_and_plot(toy_run):
     readme = (out / "README.md").read_text()
     for title in ("1. Extraction throughput", "2. probe.extract vs the hand-written loop", "3. Refit from cache",
                   "4. Incremental extraction", "5. Regularization sweep", "6. Linear-probe accuracy",
-                  "7. Memory and storage", "8. Camera-sized JPEGs", "9. Inference runtimes", "## Summary"):
+                  "7. Memory and storage", "8. Camera-sized JPEGs", "9. Inference runtimes", "10. Distributed extraction",
+                  "11. Data shift", "12. Serving: dynamic batching", "## Summary"):
         assert title in readme
     assert "failed in the last run" not in readme
     assert (out / "throughput_vs_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

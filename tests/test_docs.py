@@ -19,7 +19,19 @@ README = (ROOT / "README.md").read_text()
 
 
 def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+    """The fenced code blocks of the README whose info string is ``lang`` ("" for untagged blocks)."""
+    blocks, current, info = [], None, ""
+    for line in README.splitlines():
+        if line.startswith("```"):
+            if current is None:
+                current, info = [], line[3:].strip()
+            else:
+                if info == lang:
+                    blocks.append("\n".join(current) + "\n")
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
 
 
 def _probe_lines() -> list[list[str]]:

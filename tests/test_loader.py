@@ -179,3 +179,17 @@ def test_pace_is_the_share_of_recent_time_spent_waiting():
 
     assert pace([(8, 0.25, 1.0), (8, 0.75, 1.0)]) == {"img/s": "8.0", "data wait": "50%"}
     assert pace([]) == {}
+
+
+def test_concurrent_decodes_restore_pillows_globals(tmp_path):
+    import warnings
+
+    before_limit, before_filters = Image.MAX_IMAGE_PIXELS, list(warnings.filters)
+    paths = [str(make_image(tmp_path / f"{i}.png", seed=i, size=(300, 200))) for i in range(8)] * 4
+    items = paths + [str(make_image(tmp_path / "big.png", seed=99, size=(400, 300)))] * 4  # over the limit
+    for _ in range(3):
+        results, order = _flatten(iter_batches(items, PRE, 5, max_pixels=70_000, threads=4))
+        assert order == list(range(len(items)))
+        assert all("pixel" in results[i] for i in range(len(paths), len(items)))  # the limit held in every thread
+    assert Image.MAX_IMAGE_PIXELS == before_limit
+    assert warnings.filters == before_filters
