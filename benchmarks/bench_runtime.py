@@ -1,4 +1,4 @@
-"""Benchmark 8: inference runtimes — eager PyTorch vs ONNX Runtime vs OpenVINO, end to end and forward only.
+"""Benchmark 9: inference runtimes — eager PyTorch vs ONNX Runtime vs OpenVINO, end to end and forward only.
 
 For each backbone (the main one and the speed backbone) and each installed runtime, side by side in one process
 and interleaved ``reps`` times:
@@ -61,7 +61,7 @@ def run(cfg: h.Config) -> None:
             if runners[n].name != n:
                 raise RuntimeError(f"{ref}: {n} fell back to {runners[n].name} (see the warning above)")
             default = 128 if dev.type == "cuda" else 8
-            batch[n] = tuned_batch_size(bb, dev, precision, caches[n] / "tuning.json", default, runners[n])
+            batch[n] = tuned_batch_size(bb, dev, precision, caches[n] / "tuning.json", default, runner=runners[n])
             h.log.info("%s %s: setup %.1f s, batch %d", ref, n, setup[n], batch[n])
         x = wl.preload(bb, files)
         models = _predict_models(cfg, ref, names, root) if _can_predict(ref) else {}

@@ -202,6 +202,7 @@ def extract(cfg: Config, inputs, bb, cache: Path, *, fresh: bool = False, **opti
     if fresh:
         fresh_dir(cache)
     options.setdefault("progress", False)
+    options.setdefault("runtime", "eager")  # benchmarks 1-8 measure eager PyTorch; benchmark 9 compares runtimes
     options.setdefault("device", cfg.device)
     with Stopwatch() as sw:
         fs = probe.extract(inputs, backbone=bb, cache=str(cache), **options)
