@@ -132,13 +132,9 @@ def test_a_model_read_by_the_spec_alone(golden):
         assert set(z.namelist()) == {"probe-model.json", "head.skops", "train-keys.txt"}
 
 
-#: Optional segment attributes added after the fixtures were written (docs/cache-format.md): readers ignore them.
-OPTIONAL_ATTRS = {"runtime", "runtime_version"}
-
-
 def _layout(path: Path) -> dict:
     with h5py.File(path, "r") as f:
-        return {"attrs": sorted(set(f.attrs) - OPTIONAL_ATTRS), "format": f.attrs["format"], "version": int(f.attrs["format_version"]),
+        return {"attrs": sorted(f.attrs), "format": f.attrs["format"], "version": int(f.attrs["format_version"]),
                 "datasets": {name: (str(ds.dtype), ds.shape[1:], ds.compression, ds.chunks is None)
                              for name, ds in f.items()}}
 
