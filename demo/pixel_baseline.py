@@ -6,7 +6,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from probe.heads import fit_head
+from probe.sweep import fit_head
 from probe.sources import resolve
 
 

@@ -95,3 +95,20 @@ def test_two_commands_near_the_top():
     assert "make demo" in head and "make test" in head
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_demo_pixel_baseline_runs(tmp_path):
+    """`make demo`'s context step (logistic regression on raw pixels) runs against today's API."""
+    import subprocess
+    import sys
+
+    from conftest import make_image_folder, subprocess_env
+
+    train = make_image_folder(tmp_path / "train", per_class=6, size=(16, 16))
+    test = make_image_folder(tmp_path / "test", per_class=3, size=(16, 16), seed=500)
+    proc = subprocess.run([sys.executable, str(ROOT / "demo" / "pixel_baseline.py"), str(train), str(test)],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "pixel logistic regression: test accuracy" in proc.stdout
+    syntax = subprocess.run(["bash", "-n", str(ROOT / "demo" / "run.sh")], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
