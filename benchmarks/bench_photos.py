@@ -259,7 +259,7 @@ def section(results: dict) -> tuple[str, list[dict]]:
     text = [
         f"{first.get('images', '?')} generated {SIZE[0]}x{SIZE[1]} JPEGs (quality {QUALITY}, textured: multi-octave "
         "noise, edges, strokes), backbone " + str(first.get("backbone", "?")) +
-        f"; medians of the interleaved runs. Decode + resize + crop per image, one thread:",
+        "; medians of the interleaved runs. Decode + resize + crop per image, one thread:",
         "",
         h.md_table(decode_table, list(decode_table[0]) if decode_table else []),
         "",

@@ -336,7 +336,7 @@ class FeatureStore:
             if paths is not None:
                 f.create_dataset("paths", data=list(paths), dtype=h5py.string_dtype())
         self.refresh()
-        for i, seg in enumerate(self._segments):  # rows this process just wrote from memory need no re-read
+        for seg in self._segments:  # rows this process just wrote from memory need no re-read
             if seg.path == final:
                 seg.verified = True
         return final
