@@ -68,9 +68,10 @@ DEFAULT_CPU_BATCH = 8
 DEFAULT_CUDA_BATCH = 128
 AUTOTUNE_MIN_INPUTS = 2000  # see _choose_batch_size
 #: ``runtime="auto"`` measures the installed runtimes (once per machine, remembered) only for a job at least this
-#: large: the one-off export + measurement costs a few seconds, about what EfficientNet-Lite0 at ~60 img/s eager vs
-#: ~200 img/s compiled saves over 200 images on a 2-core CPU. Smaller jobs use a remembered choice, else eager.
-RUNTIME_MIN_INPUTS = 200
+#: large: the one-off export + measurement costs a few seconds, and EfficientNet-Lite0 end to end at 79 img/s eager
+#: vs 131 img/s with ONNX Runtime (benchmark 9, 2-core CPU) saves 5 ms per image, so it pays back after ~500-600
+#: images. Smaller jobs use the remembered choice, else eager.
+RUNTIME_MIN_INPUTS = 500
 
 
 # -- the data side -------------------------------------------------------------------------------------------
