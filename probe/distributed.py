@@ -34,7 +34,7 @@ from typing import Sequence
 from .backbones import load_backbone
 from .cache import FeatureCache, FeatureStore
 from .defaults import DEFAULT_BACKBONE
-from .engine import _DEFAULT, make_options, resolve_precision
+from .engine import UNSET, make_options, resolve_precision
 from .errors import ProbeError
 from .featureset import ExtractStats, Failure, FeatureSet, assemble
 from .options import ExtractOptions, OptionError
@@ -83,7 +83,7 @@ class RayExtractor:
     memo). An already-initialized Ray (``ray.init`` by the caller) is used as it is and left running.
     """
 
-    def __init__(self, backbone: str | ExtractOptions = DEFAULT_BACKBONE, cache=_DEFAULT, *,
+    def __init__(self, backbone: str | ExtractOptions = DEFAULT_BACKBONE, cache=UNSET, *,
                  address: str | None = None, actors: int | None = None, num_gpus_per_worker: float = 0,
                  max_retries: int = DEFAULT_MAX_RETRIES, hash_on_cluster: int = DEFAULT_HASH_ON_CLUSTER,
                  check_space=None, **options):
@@ -323,7 +323,7 @@ class RayExtractor:
         return sink.failures
 
 
-def extract_ray(source, backbone: str | ExtractOptions = DEFAULT_BACKBONE, cache=_DEFAULT, *, strict: bool = False,
+def extract_ray(source, backbone: str | ExtractOptions = DEFAULT_BACKBONE, cache=UNSET, *, strict: bool = False,
                 **options) -> FeatureSet:
     """:func:`probe.engine.extract` on Ray: a folder / CSV / file list into the cache, as a FeatureSet.
 

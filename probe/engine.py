@@ -43,7 +43,7 @@ from .tuning import TUNING_FILE
 
 log = logging.getLogger(__name__)
 
-UNSET = _DEFAULT = object()  # "cache not given": the options' (or the options object's own) cache applies
+UNSET = object()  # "cache not given": the options' (or the options object's own) cache applies
 
 
 def _cache_root(cache) -> str | None:
@@ -52,11 +52,11 @@ def _cache_root(cache) -> str | None:
     return os.fspath(cache.root if isinstance(cache, FeatureCache) else cache)
 
 
-def make_options(backbone: str | Backbone | ExtractOptions = DEFAULT_BACKBONE, cache=_DEFAULT,
+def make_options(backbone: str | Backbone | ExtractOptions = DEFAULT_BACKBONE, cache=UNSET,
                  **options) -> ExtractOptions:
     """ExtractOptions from the engine's calling conventions: an options object (plus overrides), or a backbone
     name / loaded Backbone, a cache (path, FeatureCache or None) and option keywords."""
-    if cache is not _DEFAULT:
+    if cache is not UNSET:
         options["cache"] = _cache_root(cache)
     if isinstance(backbone, ExtractOptions):
         return backbone.replace(**options) if options else backbone
@@ -151,7 +151,7 @@ class Extractor:
     onnxruntime, openvino) picks what runs the backbone (:mod:`probe.runtime`); it does not change the feature space.
     """
 
-    def __init__(self, backbone: str | Backbone | ExtractOptions = DEFAULT_BACKBONE, cache=_DEFAULT, **options):
+    def __init__(self, backbone: str | Backbone | ExtractOptions = DEFAULT_BACKBONE, cache=UNSET, **options):
         from .runtime import check_runtime
 
         loaded = backbone if isinstance(backbone, Backbone) else None
@@ -166,6 +166,7 @@ class Extractor:
         self.space = self.backbone.feature_space(dtype=opts.dtype, precision=self.precision)
         self.cache = FeatureCache(opts.cache) if opts.cache is not None else None
         self.write = opts.write and self.cache is not None
+        self.read_only: str | None = None  # why rows cannot be written here (a read-only cache folder), if so
         self.store = self._open_store()
         self.batch_size = opts.batch_size
         self.workers = default_workers(self.device) if opts.workers is None else opts.workers
@@ -177,7 +178,6 @@ class Extractor:
     def _open_store(self) -> FeatureStore | None:
         if self.cache is None:
             return None
-        self.read_only = None  # the reason rows cannot be written, when the cache folder is read-only
         if self.write:
             try:
                 store = self.cache.open(self.space)
@@ -439,7 +439,7 @@ def _probe_version() -> str:
     return __version__
 
 
-def extract(source, backbone: str | Backbone | ExtractOptions = DEFAULT_BACKBONE, cache=_DEFAULT, *,
+def extract(source, backbone: str | Backbone | ExtractOptions = DEFAULT_BACKBONE, cache=UNSET, *,
             strict: bool = False, **options) -> FeatureSet:
     """Extract features of a folder / CSV / file list into the cache and return them as a FeatureSet.
 
