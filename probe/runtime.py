@@ -40,6 +40,7 @@ from .backbones import Backbone, _pool, autocast
 from .defaults import RUNTIMES
 from .errors import ProbeError
 from .files import atomic_path, atomic_write_text
+from .tuning import memo_file, read_memo, update_memo
 
 log = logging.getLogger(__name__)
 
@@ -338,8 +339,8 @@ def make_runner(backbone: Backbone, runtime: str = "auto", device: torch.device 
     if device.type != "cpu" or precision != "float32" or cache_root is None or not candidates:
         return EagerRunner(backbone, device, precision)
     key = _memo_key(backbone, device, batch_size)
-    memo_file = memo_path(cache_root)
-    chosen = _read_memo(memo_file).get(key, {}).get("runtime")
+    memo = memo_file()  # per machine: the choice depends on the machine, not on the cache folder
+    chosen = read_memo(memo).get(key, {}).get("runtime")
     folder = Path(cache_root) / EXPORT_FOLDER
     if chosen is not None:
         return _compiled_or_eager(backbone, chosen, folder) if chosen != "eager" else EagerRunner(backbone, device)
@@ -356,7 +357,7 @@ def make_runner(backbone: Backbone, runtime: str = "auto", device: torch.device 
     best = max(runners, key=lambda r: rates[r.name])
     log.info("runtime choice for %s (batch %d, %d threads): %s -> %s", backbone.name, batch_size,
              torch.get_num_threads(), {k: round(v, 1) for k, v in rates.items()}, best.name)
-    _update_memo(memo_file, key, {"runtime": best.name, "images_per_second": rates})
+    update_memo(memo, key, {"runtime": best.name, "images_per_second": rates})
     return best
 
 
@@ -444,14 +445,6 @@ def _export_folder(cache_root):
 # -- the memo of auto's choices (shared with the batch-size tuning) ------------------------------------------
 
 
-def memo_path(cache_root: str | os.PathLike | None = None) -> Path:
-    """Where auto's choices are remembered: the per-machine tuning memo (``cache_root`` is not used: the choice
-    depends on the machine, not on the cache folder)."""
-    from .tuning import memo_file
-
-    return memo_file()
-
-
 def _memo_key(backbone: Backbone, device: torch.device, batch_size: int) -> str:
     versions = [f"{name} {_package_version(name)}" for name in COMPILED if available(name)]
     return "|".join(["runtime", backbone.name, backbone.weights_sha256[:16], backbone.layer, backbone.pooling,
@@ -466,15 +459,3 @@ def _package_version(name: str) -> str:
         return version(name)
     except PackageNotFoundError:
         return "?"
-
-
-def _read_memo(path: Path) -> dict:
-    from .tuning import read_memo
-
-    return read_memo(path)
-
-
-def _update_memo(path: Path, key: str, value: dict) -> None:
-    from .tuning import update_memo
-
-    update_memo(path, key, value)
