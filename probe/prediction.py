@@ -53,6 +53,11 @@ def predict(model: ProbeModel, inputs: Sequence[Record | str | os.PathLike] | st
     return predictions_from_features(model, records, fs, top_k)
 
 
+def ranked_classes(proba: np.ndarray, classes: Sequence[str]) -> list[tuple[str, float]]:
+    """Every class with its probability, most probable first (ties in class order)."""
+    return [(classes[c], float(proba[c])) for c in np.argsort(-proba, kind="stable")]
+
+
 def predictions_from_features(model: ProbeModel, records: Sequence[Record], fs: FeatureSet,
                               top_k: int = 5) -> PredictionResult:
     """One row per record from the FeatureSet of those records (``fs.indices`` / failure indices point into
@@ -62,8 +67,7 @@ def predictions_from_features(model: ProbeModel, records: Sequence[Record], fs: 
     k = max(1, min(top_k, len(classes)))
     rows: list[Prediction | None] = [None] * len(records)
     for j, i in enumerate(fs.indices):
-        order = np.argsort(-proba[j], kind="stable")[:k]
-        top = [(classes[c], float(proba[j, c])) for c in order]
+        top = ranked_classes(proba[j], classes)[:k]
         rows[i] = Prediction(fs.paths[j], fs.keys[j], top[0][0], top[0][1], top, records[i].label)
     for f in fs.failures:
         rows[f.index] = Prediction(records[f.index].path, None, label=records[f.index].label, error=f.error)

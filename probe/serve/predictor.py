@@ -27,6 +27,7 @@ import numpy as np
 from ..capture import ServedLog
 from ..errors import ImageDecodeError, ProbeError
 from ..model import ProbeModel, load
+from ..prediction import ranked_classes
 from ..sources import sha256_file
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,8 @@ class RegistrySource:
 
 
 def ranked(proba: np.ndarray, classes: list[str]) -> list[dict]:
-    """Every class with its probability, most probable first (ties in class order)."""
-    order = np.argsort(-proba, kind="stable")
-    return [{"class": classes[c], "probability": float(proba[c])} for c in order]
+    """Every class with its probability, most probable first (ties in class order), as JSON objects."""
+    return [{"class": c, "probability": p} for c, p in ranked_classes(proba, classes)]
 
 
 class Predictor:
