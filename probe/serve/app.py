@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import ImageDecodeError, ProbeError
+from ..jsonable import json_default
 from ..preprocess import decode_image
 from .batcher import Batcher
 from .predictor import FileSource, Predictor, RegistrySource
@@ -372,13 +373,7 @@ def model_card(predictor: Predictor, batcher: Batcher, counters: dict) -> dict:
             **counters, "batcher": batcher.stats.to_dict(),
         },
     }
-    return json.loads(json.dumps(card, default=_json_default))
-
-
-def _json_default(o):
-    from ..model import json_default
-
-    return json_default(o)
+    return json.loads(json.dumps(card, default=json_default))
 
 
 def _probe_version() -> str:
